@@ -1,0 +1,1 @@
+"""t2i: a JAX/Flax training stack for text-to-image models."""

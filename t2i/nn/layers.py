@@ -1,0 +1,128 @@
+"""Dense, Conv and norm layers whose parameters carry logical axis names.
+
+Logical axis names used across t2i (mapped to mesh axes by the rules table in the experiment config):
+  activations: "batch", "length" (token sequence), "height", "width", "embed" (channels / hidden)
+  parameters:  "embed" (input/hidden features), "mlp" (expanded features), "heads" (heads*head_dim
+               projections), "vocab", "conv_in", "conv_out", "norm", and None for small dims (kernel h/w).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """Annotates an activation with logical axes (no-op outside a mesh / rules context)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+  """nn.Dense with logical axis names on kernel (in_axis, out_axis) and bias (out_axis)."""
+  features: int
+  axes: tuple[str | None, str | None] = ("embed", "mlp")
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = default_kernel_init
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Dense(
+        self.features,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        precision=self.precision,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, self.axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+        name="dense",
+    )(x)
+
+
+class Conv(nn.Module):
+  """NHWC nn.Conv with logical axis names (None, None, "conv_in", "conv_out")."""
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: Any = "SAME"
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = default_kernel_init
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Conv(
+        self.features,
+        kernel_size=tuple(self.kernel_size),
+        strides=tuple(self.strides),
+        padding=self.padding,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        precision=self.precision,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, (None, None, "conv_in", "conv_out")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+        name="conv",
+    )(x)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over the channel (last) axis, statistics in float32."""
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  use_affine: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    g = self.num_groups
+    orig = x.dtype
+    xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (g, c // g))
+    red = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
+    mean = xf.mean(axis=red, keepdims=True)
+    var = jnp.square(xf - mean).mean(axis=red, keepdims=True)
+    xf = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    if self.use_affine:
+      scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,),
+                         self.param_dtype)
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,),
+                        self.param_dtype)
+      xf = xf * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return xf.astype(self.dtype if self.dtype is not None else orig)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, statistics in float32; optional affine parameters."""
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    xf = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      xf = xf * self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,),
+                           self.param_dtype).astype(jnp.float32)
+    if self.use_bias:
+      xf = xf + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,),
+                           self.param_dtype).astype(jnp.float32)
+    return xf.astype(self.dtype)

@@ -1,0 +1,271 @@
+"""Grain input pipeline: TFDS array_record source -> shuffled, repeated, decoded, cropped, tokenised batches.
+
+  it = make_train_iterator(cfg, tokenizer_fn, global_batch_size=32, mesh=mesh)
+  batch = next(it)  # {"image": f32 [B, H, W, 3] in [-1, 1], "input_ids": i32 [B, L]}
+  state = it.get_state(); ...; it.set_state(state)  # exact resume (JSON-serialisable)
+
+Order of work: global shuffle (by seed, reshuffled every epoch) -> repeat forever -> per-process stride
+shard -> decode + resize shorter side + crop (+ optional flip, caption dropout; randomness keyed by seed and
+global position) -> optional multiprocess prefetch -> skip-and-count corrupt samples, group into per-bucket
+batches -> tokenise -> global `jax.Array`s on the mesh. `grain.checkpoint.CheckpointSave/CheckpointRestore`
+can save/restore the iterator with orbax.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from data_pipelines import image_decode
+
+TokenizerFn = Callable[[list[str]], np.ndarray]
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Data config read by `make_train_iterator` / `make_source`."""
+  return ml_collections.ConfigDict({
+      "data_dir": os.path.expanduser("~/t2i_data"),
+      "dataset": "shapes_bench/train",  # "name[/config][:version]" under data_dir, e.g. "image_folder"
+      "split": "train",
+      "image_size": 64,
+      "caption_dropout": 0.1,  # probability of replacing the caption by "" (classifier-free guidance)
+      "buckets": None,  # None: square image_size crops; or [(h, w), ...], e.g. aspect_buckets(256)
+      "random_crop": False,
+      "flip": False,
+      "seed": 0,
+      "worker_count": 0,  # >0: grain worker processes (absl flags must be parsed, e.g. under app.run)
+      "worker_buffer_size": 2,
+      "read_threads": 2,
+      "prefetch_buffer_size": 32,
+      "max_length": 77,  # expected token length of tokenizer_fn's output (checked); 0 disables the check
+      "image_key": "image",
+      "caption_key": "caption",
+  })
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def make_source(cfg: ml_collections.ConfigDict):
+  """Random-access source of `cfg.dataset`/`cfg.split` under `cfg.data_dir` (for training, caching, eval)."""
+  from data_pipelines.tfds import common  # pylint: disable=g-import-not-at-top
+  return common.load_source(cfg.data_dir, cfg.dataset, cfg.split)
+
+
+def prepare_shapes(data_dir: str | pathlib.Path, split: str = "train", num: int | None = None,
+                   size: int = 64, seed: int = 0) -> str:
+  """Generates + builds shapes-bench `split` into `data_dir` unless present; returns the `cfg.dataset` name."""
+  from data_pipelines.tfds import common, shapes_bench  # pylint: disable=g-import-not-at-top
+  config = shapes_bench.shapes_config(split, num=num, size=size, seed=seed)
+  builder = shapes_bench.ShapesBench(config=config, data_dir=str(data_dir), file_format=common.FILE_FORMAT)
+  common.prepare(builder)
+  return f"shapes_bench/{config.name}"
+
+
+# -------------------------------------------------------------------------------------------- transforms
+def aspect_buckets(image_size: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+  """(h, w) buckets, multiples of `step`, each with about image_size**2 pixels, aspect at most `max_aspect`."""
+  area = image_size * image_size
+  out = set()
+  for h in range(step, int(image_size * math.sqrt(max_aspect)) + step, step):
+    w = max(step, round(area / h / step) * step)
+    if max(h / w, w / h) <= max_aspect + 1e-6:
+      out.add((h, w))
+  return sorted(out)
+
+
+def choose_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> int:
+  """Index of the bucket closest in aspect ratio among those that fit inside the image (downscale only).
+
+  Images smaller than every bucket fall back to the closest aspect ratio over all buckets (upscaled).
+  """
+  fit = [i for i, (h, w) in enumerate(buckets) if h <= height and w <= width]
+  pool = fit or range(len(buckets))
+  target = math.log(width / height)
+  return min(pool, key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - target),
+                                  -buckets[i][0] * buckets[i][1]))
+
+
+def resize_crop(img: np.ndarray, out_hw: tuple[int, int], offset: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+  """Resizes so the image covers `out_hw` (keeping aspect) then crops; offset in [0, 1] (0.5 = centre)."""
+  h, w = img.shape[:2]
+  oh, ow = out_hw
+  scale = max(oh / h, ow / w)
+  nh, nw = max(oh, round(h * scale)), max(ow, round(w * scale))
+  if (nh, nw) != (h, w):
+    img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
+  top = round((nh - oh) * offset[0])
+  left = round((nw - ow) * offset[1])
+  return img[top:top + oh, left:left + ow]
+
+
+def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collections.ConfigDict,
+             buckets: list[tuple[int, int]]) -> dict[str, Any]:
+  """One raw record -> {"pos", "bucket", "image" uint8 [h, w, 3], "caption"} or {"pos", "skip": reason}."""
+  rng = np.random.default_rng([cfg.seed, global_pos])
+  u_drop, u_flip, u_top, u_left = rng.random(4)
+  try:
+    img = image_decode.decode_rgb(record[cfg.image_key])
+  except image_decode.SkipSample as e:
+    return {"pos": pos, "skip": e.reason}
+  except KeyError as e:
+    raise KeyError(f"dataset {cfg.dataset!r}: record has no field {cfg.image_key!r} "
+                   f"(config.image_key); fields: {sorted(record)}") from e
+  bucket = choose_bucket(img.shape[0], img.shape[1], buckets)
+  offset = (u_top, u_left) if cfg.random_crop else (0.5, 0.5)
+  img = resize_crop(img, buckets[bucket], offset)
+  if cfg.flip and u_flip < 0.5:
+    img = img[:, ::-1]
+  caption = record.get(cfg.caption_key, b"")
+  caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
+  if u_drop < cfg.caption_dropout:
+    caption = ""
+  return {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(img), "caption": caption}
+
+
+# -------------------------------------------------------------------------------------------- iterators
+class _BucketBatchIterator(grain.DatasetIterator):
+  """Skips (and counts) corrupt samples; emits numpy batches whose samples all come from one bucket.
+
+  Partly filled bucket buffers are checkpointed as stream positions and recomputed on restore.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, elements: grain.MapDataset, batch_size: int):
+    super().__init__(parent)
+    self._elements = elements
+    self._batch_size = batch_size
+    self._buffers: dict[int, list[dict[str, Any]]] = {}
+    self.skip_counts: collections.Counter[str] = collections.Counter()
+
+  def __next__(self) -> dict[str, Any]:
+    while True:
+      el = next(self._parent)
+      if "skip" in el:
+        self.skip_counts[el["skip"].split(":")[0]] += 1
+        continue
+      buf = self._buffers.setdefault(el["bucket"], [])
+      buf.append(el)
+      if len(buf) == self._batch_size:
+        del self._buffers[el["bucket"]]
+        return {"image": np.stack([e["image"] for e in buf]), "caption": [e["caption"] for e in buf],
+                "pos": np.array([e["pos"] for e in buf], np.int64)}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "skip_counts": dict(self.skip_counts),
+            "buffers": {str(b): [int(e["pos"]) for e in buf] for b, buf in self._buffers.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self.skip_counts = collections.Counter(state["skip_counts"])
+    self._buffers = {int(b): [self._elements[p] for p in ps] for b, ps in state["buffers"].items()}
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Device batches {"image", "input_ids"}; `get_state`/`set_state` for exact resume.
+
+  Attributes:
+    skipped: number of corrupt samples skipped so far (by this process); `skip_counts` by reason.
+    last_host_batch: host-side fields of the last batch ({"caption": list[str], "pos": int64 [B]}).
+  """
+
+  def __init__(self, parent: _BucketBatchIterator, tokenizer_fn: TokenizerFn, max_length: int,
+               sharding: jax.sharding.Sharding | None):
+    super().__init__(parent)
+    self._tokenizer_fn = tokenizer_fn
+    self._max_length = max_length
+    self._sharding = sharding
+    self.last_host_batch: dict[str, Any] = {}
+
+  @property
+  def skip_counts(self) -> dict[str, int]:
+    return dict(self._parent.skip_counts)
+
+  @property
+  def skipped(self) -> int:
+    return sum(self._parent.skip_counts.values())
+
+  def __next__(self) -> dict[str, Any]:
+    b = next(self._parent)
+    n = len(b["caption"])
+    ids = np.asarray(self._tokenizer_fn(list(b["caption"])))
+    if ids.ndim != 2 or ids.shape[0] != n:
+      raise ValueError(f"tokenizer_fn must return [n={n}, L] token ids, got shape {ids.shape}")
+    if self._max_length and ids.shape[1] != self._max_length:
+      raise ValueError(f"tokenizer_fn returned length {ids.shape[1]} but config.max_length={self._max_length}")
+    batch = {"image": b["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0),
+             "input_ids": ids.astype(np.int32)}
+    self.last_host_batch = {"caption": b["caption"], "pos": b["pos"]}
+    if self._sharding is not None:
+      batch = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Batch dimension over ("data", "fsdp") (the "batch" rule of experiments.common.AXIS_RULES)."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+
+def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer_fn: TokenizerFn, global_batch_size: int,
+                        mesh: jax.sharding.Mesh | None = None, seed: int | None = None,
+                        process_index: int | None = None, process_count: int | None = None,
+                        source=None) -> TrainIterator:
+  """Infinite iterator of training batches for this process (see module docstring).
+
+  Args:
+    cfg: data config (`default_data_config()`).
+    tokenizer_fn: list of n captions -> int32 [n, L] token ids.
+    global_batch_size: batch size over all processes; each process yields global/process_count samples
+      (as global `jax.Array`s of the full size when `mesh` is given).
+    mesh: mesh with axes "data" and "fsdp"; None yields numpy arrays.
+    seed: overrides `cfg.seed` (shuffle order and augmentation randomness).
+    process_index, process_count: override `jax.process_index()` / `jax.process_count()` (tests).
+    source: random-access source overriding `make_source(cfg)`.
+  """
+  full = default_data_config().to_dict()
+  full.update(cfg.to_dict())  # keys missing from `cfg` take their defaults
+  cfg = ml_collections.ConfigDict(full)  # private copy for the element function
+  cfg.seed = seed = cfg.seed if seed is None else seed
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if not 0 <= pi < pc:
+    raise ValueError(f"process_index={pi} not in [0, process_count={pc})")
+  if global_batch_size <= 0 or global_batch_size % pc:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                     f"process count {pc}")
+  if mesh is not None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch_size % shards:
+      raise ValueError(f"global_batch_size={global_batch_size} must be divisible by mesh data*fsdp={shards}")
+  if not 0.0 <= cfg.caption_dropout <= 1.0:
+    raise ValueError(f"config.caption_dropout={cfg.caption_dropout} must be in [0, 1]")
+  if cfg.buckets:
+    buckets = [tuple(int(x) for x in b) for b in cfg.buckets]
+    if any(len(b) != 2 or min(b) <= 0 for b in buckets):
+      raise ValueError(f"config.buckets must be a list of positive (height, width) pairs, got {cfg.buckets}")
+  else:
+    buckets = [(cfg.image_size, cfg.image_size)]
+
+  source = make_source(cfg) if source is None else source
+  if len(source) == 0:
+    raise ValueError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty")
+  ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat(None)[pi::pc]
+  elements = ds.map_with_index(lambda pos, r: _process(r, pos * pc + pi, pos, cfg, buckets))
+  it_ds = elements.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                     prefetch_buffer_size=cfg.prefetch_buffer_size))
+  if cfg.worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                           per_worker_buffer_size=cfg.worker_buffer_size))
+  batches = _BucketBatchIterator(iter(it_ds), elements, global_batch_size // pc)
+  return TrainIterator(batches, tokenizer_fn, cfg.max_length, batch_sharding(mesh) if mesh is not None else None)

@@ -1,0 +1,241 @@
+"""DDPM noise schedules and the denoising (diffusion) training loss.
+
+Conventions: images/latents are NHWC (any rank >= 2 works, batch first), training timesteps are int32 in
+[0, num_train_timesteps), and the forward process is variance preserving:
+  x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise,   snr_t = alpha_bar_t / (1 - alpha_bar_t).
+Schedules reproduce diffusers' DDPMScheduler betas/alphas_cumprod for the same arguments (float32).
+
+The loss is split into pieces so that preference objectives (Diffusion-DPO) can evaluate the per-example error of
+several images under one shared (noise, t):
+  noise, t = sample_noise_and_t(rng, x0.shape, schedule, noise_offset)
+  pred = denoise_fn(add_noise(schedule, x0, noise, t), t, cond)
+  err = per_example_error(pred, target(schedule, x0, noise, t, kind), loss_weights(schedule, t, kind, gamma))
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+DenoiseFn = Callable[[jax.Array, jax.Array, PyTree], jax.Array]
+
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSS_TYPES = ("l2", "l1", "huber")
+
+
+@flax.struct.dataclass
+class NoiseSchedule:
+  """Discrete VP noise schedule; every field is a float32 array of shape [num_train_timesteps]."""
+  betas: jax.Array
+  alphas: jax.Array
+  alphas_cumprod: jax.Array
+  sqrt_alphas_cumprod: jax.Array
+  sqrt_one_minus_alphas_cumprod: jax.Array
+  snr: jax.Array
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+
+def _linspace_f32(start: float, stop: float, num: int) -> np.ndarray:
+  """float32 linspace rounded like torch.linspace (fused multiply-add from both ends), for bitwise parity."""
+  lo, hi = np.float32(start), np.float32(stop)
+  step = np.float32((hi - lo) / np.float32(num - 1))
+  i = np.arange(num)
+  from_lo = np.float64(lo) + np.float64(step) * i
+  from_hi = np.float64(hi) - np.float64(step) * (num - 1 - i)
+  return np.where(i < num // 2, from_lo, from_hi).astype(np.float32)
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+  """Betas of the squared-cosine ("squaredcos_cap_v2") alpha_bar, computed in float64."""
+  def alpha_bar(s):
+    return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+  n = num_train_timesteps
+  return np.array([min(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Shifts/scales sqrt(alpha_bar) so the last timestep has SNR exactly 0 (Lin et al. 2023, Alg. 1)."""
+  sqrt_ac = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))
+  first, last = sqrt_ac[0].copy(), sqrt_ac[-1].copy()
+  sqrt_ac = (sqrt_ac - last) * (first / (first - last))
+  ac = sqrt_ac ** 2
+  alphas = np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+  return (1.0 - alphas).astype(np.float32)
+
+
+def make_schedule(kind: str = "scaled_linear", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                  beta_end: float = 0.012, rescale_zero_terminal_snr: bool = False) -> NoiseSchedule:
+  """Builds a schedule; kinds "linear", "scaled_linear" (Stable Diffusion) and "cosine" (squaredcos_cap_v2)."""
+  if kind not in SCHEDULE_KINDS:
+    raise ValueError(f"kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
+  if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
+    raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+  n = int(num_train_timesteps)
+  if kind == "linear":
+    betas = _linspace_f32(beta_start, beta_end, n)
+  elif kind == "scaled_linear":
+    root = _linspace_f32(beta_start ** 0.5, beta_end ** 0.5, n)
+    betas = root * root
+  else:
+    betas = _cosine_betas(n).astype(np.float32)
+  if rescale_zero_terminal_snr:
+    betas = _rescale_zero_terminal_snr(betas)
+  alphas = (np.float32(1.0) - betas).astype(np.float32)
+  # Accumulate in float64 (as torch.cumprod does for float32 inputs on CPU), then round once.
+  ac = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+  one_minus = (np.float32(1.0) - ac).astype(np.float32)
+  with np.errstate(divide="ignore"):
+    snr = np.where(one_minus > 0, ac / np.maximum(one_minus, np.float32(1e-30)), np.inf).astype(np.float32)
+  return NoiseSchedule(
+      betas=jnp.asarray(betas), alphas=jnp.asarray(alphas), alphas_cumprod=jnp.asarray(ac),
+      sqrt_alphas_cumprod=jnp.asarray(np.sqrt(ac)), sqrt_one_minus_alphas_cumprod=jnp.asarray(np.sqrt(one_minus)),
+      snr=jnp.asarray(snr))
+
+
+def _per_example(values: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
+  """Gathers values[t] ([B]) and reshapes to [B, 1, ..., 1] broadcastable against `like`."""
+  v = jnp.take(values, t, axis=0).astype(like.dtype)
+  return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """Forward process q(x_t | x0): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise; t int [B]."""
+  return (_per_example(schedule.sqrt_alphas_cumprod, t, x0) * x0
+          + _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+
+def velocity(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """v-prediction target: sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0."""
+  return (_per_example(schedule.sqrt_alphas_cumprod, t, x0) * noise
+          - _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
+           prediction_type: str = "epsilon") -> jax.Array:
+  """Regression target of the denoiser for `prediction_type` ("epsilon", "v_prediction", "sample")."""
+  _check_prediction_type(prediction_type)
+  if prediction_type == "epsilon":
+    return noise
+  if prediction_type == "v_prediction":
+    return velocity(schedule, x0, noise, t)
+  return x0
+
+
+def loss_weights(schedule: NoiseSchedule, t: jax.Array, prediction_type: str = "epsilon",
+                 snr_gamma: float | None = None) -> jax.Array:
+  """Per-example loss weights [B] (float32): ones, or min-SNR-gamma (Hang et al. 2023) when snr_gamma is set.
+
+  epsilon: min(snr, g) / snr;  v_prediction: min(snr, g) / (snr + 1);  sample: min(snr, g).
+  At snr = 0 (zero terminal SNR) the epsilon weight is taken as its limit, 1.
+  """
+  _check_prediction_type(prediction_type)
+  if snr_gamma is None:
+    return jnp.ones(t.shape, jnp.float32)
+  if not isinstance(snr_gamma, jax.Array) and snr_gamma <= 0:
+    raise ValueError(f"snr_gamma must be positive or None, got {snr_gamma!r}")
+  snr = jnp.take(schedule.snr, t, axis=0).astype(jnp.float32)
+  clipped = jnp.minimum(snr, snr_gamma)
+  if prediction_type == "epsilon":
+    w = jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
+  elif prediction_type == "v_prediction":
+    w = clipped / (snr + 1.0)
+  else:
+    w = clipped
+  return jax.lax.stop_gradient(w)
+
+
+def sample_noise_and_t(rng: jax.Array, shape: tuple[int, ...], schedule: NoiseSchedule,
+                       noise_offset: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Draws noise ~ N(0, I) of `shape` (plus offset * N(0,1)[B,1,..,1,C]) and int32 t ~ U[0, T)."""
+  if len(shape) < 2:
+    raise ValueError(f"shape must be (batch, ..., channels), got {shape!r}")
+  k_noise, k_offset, k_t = jax.random.split(rng, 3)
+  noise = jax.random.normal(k_noise, shape, jnp.float32)
+  if not (isinstance(noise_offset, (int, float)) and noise_offset == 0):
+    offset_shape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
+    noise = noise + noise_offset * jax.random.normal(k_offset, offset_shape, jnp.float32)
+  t = jax.random.randint(k_t, (shape[0],), 0, schedule.num_train_timesteps, dtype=jnp.int32)
+  return noise, t
+
+
+def elementwise_error(pred: jax.Array, target_: jax.Array, loss_type: str = "l2",
+                      huber_c: float = 0.1) -> jax.Array:
+  """Elementwise error in float32: squared, absolute, or pseudo-Huber 2c (sqrt(d^2 + c^2) - c) (~d^2 near 0)."""
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+  d = pred.astype(jnp.float32) - target_.astype(jnp.float32)
+  if loss_type == "l2":
+    return d * d
+  if loss_type == "l1":
+    return jnp.abs(d)
+  return 2.0 * huber_c * (jnp.sqrt(d * d + huber_c * huber_c) - huber_c)
+
+
+def per_example_error(pred: jax.Array, target_: jax.Array, weights: jax.Array | None = None,
+                      mask: jax.Array | None = None, *, loss_type: str = "l2", huber_c: float = 0.1) -> jax.Array:
+  """Weighted mean error per example, shape [B].
+
+  Args:
+    pred, target_: [B, ...] model output and target.
+    weights: [B] per-example weights (e.g. `loss_weights`), or None for ones.
+    mask: optional array broadcastable to pred (e.g. [B, H, W, 1]); the mean runs over masked elements only.
+    loss_type: "l2", "l1" or "huber" (pseudo-Huber with parameter huber_c).
+  """
+  if pred.shape != target_.shape:
+    raise ValueError(f"pred and target_ shapes differ: {pred.shape} vs {target_.shape}")
+  err = elementwise_error(pred, target_, loss_type, huber_c)
+  axes = tuple(range(1, err.ndim))
+  if mask is None:
+    per_ex = jnp.mean(err, axis=axes)
+  else:
+    try:
+      m = jnp.broadcast_to(mask.astype(jnp.float32), err.shape)
+    except ValueError as e:
+      raise ValueError(f"mask of shape {mask.shape} does not broadcast to pred shape {pred.shape}") from e
+    per_ex = jnp.sum(err * m, axis=axes) / jnp.maximum(jnp.sum(m, axis=axes), 1.0)
+  if weights is not None:
+    if weights.shape != per_ex.shape:
+      raise ValueError(f"weights must have shape {per_ex.shape}, got {weights.shape}")
+    per_ex = per_ex * weights.astype(jnp.float32)
+  return per_ex
+
+
+def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.Array, schedule: NoiseSchedule, *,
+                   prediction_type: str = "epsilon", snr_gamma: float | None = None, noise_offset: float = 0.0,
+                   loss_type: str = "l2", huber_c: float = 0.1,
+                   mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Denoising loss: mean over the batch of `per_example_error` at uniformly drawn t.
+
+  Args:
+    denoise_fn: (x_t, t int32 [B], cond) -> prediction with x_t's shape.
+    x0: clean images/latents [B, H, W, C].
+    cond: conditioning pytree passed through to denoise_fn.
+    rng: PRNG key for noise, noise offset and t.
+  Returns:
+    (scalar loss, metrics) where metrics holds "loss", "mse" (unweighted) and "weight_mean".
+  """
+  _check_prediction_type(prediction_type)
+  noise, t = sample_noise_and_t(rng, x0.shape, schedule, noise_offset)
+  noise = noise.astype(x0.dtype)
+  x_t = add_noise(schedule, x0, noise, t)
+  pred = denoise_fn(x_t, t, cond)
+  tgt = target(schedule, x0, noise, t, prediction_type)
+  w = loss_weights(schedule, t, prediction_type, snr_gamma)
+  per_ex = per_example_error(pred, tgt, w, mask, loss_type=loss_type, huber_c=huber_c)
+  loss = jnp.mean(per_ex)
+  mse = jnp.mean(per_example_error(jax.lax.stop_gradient(pred), tgt, None, mask, loss_type="l2"))
+  return loss, {"loss": loss, "mse": mse, "weight_mean": jnp.mean(w)}

@@ -1,0 +1,258 @@
+"""DDIM, Euler and DPM-Solver++(2M) samplers as single jittable loops (one `lax.fori_loop` over steps).
+
+Conventions
+  * `x_T` (or the noise drawn from `rng`) is unit-variance Gaussian noise; the result is the final sample x0.
+  * DDIM and DPM-Solver++ keep the state in VP space (x_t = alpha_t x0 + sigma_t eps, alpha_t^2 + sigma_t^2 = 1)
+    and feed it to the model unscaled. Euler keeps the state in sigma space (x = x0 + sigma eps, with
+    sigma = sqrt((1 - alpha_bar) / alpha_bar)): it starts from x_T * init_noise_sigma and feeds the model
+    x / sqrt(sigma^2 + 1), which is the VP-space x_t. All three match the diffusers scheduler loops
+    (`scale_model_input` -> model -> `step`) for the same settings:
+      ddim:     DDIMScheduler(steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+      euler:    EulerDiscreteScheduler(steps_offset=1) (linear sigma interpolation, final sigma 0)
+      dpmpp_2m: DPMSolverMultistepScheduler(steps_offset=1, algorithm_type="dpmsolver++", solver_order=2,
+                solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero")
+    (`steps_offset` only matters for "leading" spacing; it is a keyword argument here.)
+  * `denoise_fn(x, t, cond)` receives t as a float32 array [batch] (Euler timesteps can be fractional).
+  * Classifier-free guidance evaluates [uncond; cond] in one batched call and combines
+    uncond + g * (cond - uncond). It is skipped when `uncond` is None or `guidance_scale` is the Python number 1.
+  * DDIM with eta > 0 draws its step-i noise as normal(fold_in(step_key, i), shape) with
+    (init_key, step_key) = split(rng); init_key draws x_T when it is not given.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i.objectives.diffusion import NoiseSchedule
+
+PyTree = Any
+DenoiseFn = Callable[[jax.Array, jax.Array, PyTree], jax.Array]
+
+SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _check_args(sampler: str, num_steps: int, prediction_type: str, timestep_spacing: str,
+                num_train_timesteps: int) -> None:
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+  if timestep_spacing not in SPACINGS:
+    raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_timesteps:
+    raise ValueError(f"num_steps must be an int in [1, {num_train_timesteps}], got {num_steps!r}")
+
+
+def timesteps_for(sampler: str, num_steps: int, num_train_timesteps: int = 1000,
+                  timestep_spacing: str = "leading", steps_offset: int = 1) -> np.ndarray:
+  """Host-side (static) timestep sequence, high to low, as the matching diffusers scheduler's `set_timesteps`.
+
+  Integers for ddim/dpmpp_2m; float32 (possibly fractional, "linspace") for euler.
+  """
+  n, big_t = num_steps, num_train_timesteps
+  if sampler == "dpmpp_2m":
+    # DPM-Solver spaces num_steps + 1 points and drops the last (t = 0) one.
+    if timestep_spacing == "linspace":
+      ts = np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    elif timestep_spacing == "leading":
+      ratio = big_t // (n + 1)
+      ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
+    else:
+      ts = np.arange(big_t, 0, -big_t / n).round().astype(np.int64) - 1
+    return ts
+  if timestep_spacing == "linspace":
+    if sampler == "euler":
+      return np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
+    return np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
+  if timestep_spacing == "leading":
+    ratio = big_t // n
+    ts = (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + steps_offset
+  else:
+    ts = np.round(np.arange(big_t, 0, -big_t / n)).astype(np.int64) - 1
+  return ts.astype(np.float32) if sampler == "euler" else ts
+
+
+def _sigmas(alphas_cumprod: jax.Array) -> jax.Array:
+  """Sigma-space noise levels sqrt((1 - a) / a); a zero terminal alpha_bar is clamped to 2^-24 like diffusers."""
+  ac = alphas_cumprod.astype(jnp.float32)
+  ac = ac.at[-1].set(jnp.where(ac[-1] == 0, 2.0 ** -24, ac[-1]))
+  return jnp.sqrt((1.0 - ac) / ac)
+
+
+def _x0_eps(out: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
+            prediction_type: str) -> tuple[jax.Array, jax.Array]:
+  """(x0, eps) predictions from the model output at VP state x with x = alpha x0 + sigma eps."""
+  if prediction_type == "epsilon":
+    return (x - sigma * out) / alpha, out
+  if prediction_type == "v_prediction":
+    return alpha * x - sigma * out, alpha * out + sigma * x
+  return out, (x - alpha * out) / sigma
+
+
+def _is_one(g: Any) -> bool:
+  return isinstance(g, (int, float, np.integer, np.floating)) and float(g) == 1.0
+
+
+def _is_zero(v: Any) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and float(v) == 0.0
+
+
+def _guided_fn(denoise_fn: DenoiseFn, cond: PyTree, uncond: PyTree | None, guidance_scale: Any,
+               batch: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Returns model(x, t_scalar) -> float32 prediction, with CFG batched into one denoise_fn call."""
+  if uncond is None or _is_one(guidance_scale):
+    def model(x, t):
+      return denoise_fn(x, jnp.full((batch,), t, jnp.float32), cond).astype(jnp.float32)
+    return model
+
+  def _cat(u, c):
+    u, c = jnp.asarray(u), jnp.asarray(c)
+    if u.shape[0] != c.shape[0]:
+      if u.shape[0] != 1:
+        raise ValueError(f"uncond leading dim {u.shape[0]} must equal cond's {c.shape[0]} or be 1")
+      u = jnp.broadcast_to(u, (c.shape[0],) + u.shape[1:])
+    return jnp.concatenate([u, c.astype(u.dtype)], axis=0)
+
+  both = jax.tree.map(_cat, uncond, cond)
+
+  def model(x, t):
+    out = denoise_fn(jnp.concatenate([x, x], axis=0), jnp.full((2 * batch,), t, jnp.float32), both)
+    out_u, out_c = jnp.split(out.astype(jnp.float32), 2, axis=0)
+    return out_u + guidance_scale * (out_c - out_u)
+  return model
+
+
+def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: PyTree | None, rng: jax.Array,
+           schedule: NoiseSchedule, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: Any = 7.5,
+           prediction_type: str = "epsilon", eta: Any = 0.0, timestep_spacing: str = "leading",
+           steps_offset: int = 1, x_T: jax.Array | None = None) -> jax.Array:
+  """Generates samples of `shape` (batch first) by integrating the reverse diffusion in one fori_loop.
+
+  Traceable inside an outer `jax.jit` when shape, sampler, num_steps, prediction_type, timestep_spacing and
+  steps_offset are static; cond/uncond/rng/schedule/x_T/guidance_scale/eta may be traced (a traced
+  guidance_scale always runs the batched CFG path). See the module docstring for conventions.
+
+  Args:
+    denoise_fn: (x, t float32 [batch], cond) -> prediction of `prediction_type`, same shape as x.
+    shape: output shape, e.g. (B, H, W, C).
+    cond: pytree of arrays with leading dim B (e.g. dict of encoder_hidden_states, text_embeds, time_ids).
+    uncond: same structure as cond (leading dim B or 1): negative / empty prompt embedding, or None.
+    rng: PRNG key; used for x_T if not given, and for DDIM eta > 0 noise.
+    schedule: training noise schedule.
+    x_T: optional unit-variance starting noise of `shape`.
+  """
+  shape = tuple(int(s) for s in shape)
+  big_t = schedule.num_train_timesteps
+  _check_args(sampler, num_steps, prediction_type, timestep_spacing, big_t)
+  init_key, step_key = jax.random.split(rng)
+  if x_T is None:
+    x_T = jax.random.normal(init_key, shape, jnp.float32)
+  elif tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+  x_T = x_T.astype(jnp.float32)
+  model = _guided_fn(denoise_fn, cond, uncond, guidance_scale, shape[0])
+  ts_np = timesteps_for(sampler, num_steps, big_t, timestep_spacing, steps_offset)
+  ts = jnp.asarray(ts_np, jnp.float32)
+  n = len(ts_np)
+  ac = schedule.alphas_cumprod.astype(jnp.float32)
+
+  if sampler == "ddim":
+    prev_np = ts_np - big_t // num_steps
+    a_t = ac[ts_np]
+    a_prev = jnp.where(jnp.asarray(prev_np >= 0), ac[np.maximum(prev_np, 0)], ac[0])
+    variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+    std = eta * jnp.sqrt(variance)
+
+    stochastic = not _is_zero(eta)
+
+    def body(i, x):
+      out = model(x, ts[i])
+      x0, eps = _x0_eps(out, x, jnp.sqrt(a_t[i]), jnp.sqrt(1.0 - a_t[i]), prediction_type)
+      x_prev = jnp.sqrt(a_prev[i]) * x0 + jnp.sqrt(1.0 - a_prev[i] - std[i] ** 2) * eps
+      if stochastic:
+        x_prev = x_prev + std[i] * jax.random.normal(jax.random.fold_in(step_key, i), shape, jnp.float32)
+      return x_prev
+    return jax.lax.fori_loop(0, n, body, x_T)
+
+  all_sigmas = _sigmas(ac)
+  sig = jnp.interp(ts, jnp.arange(big_t, dtype=jnp.float32), all_sigmas)
+  sig = jnp.concatenate([sig, jnp.zeros((1,), jnp.float32)])  # final sigma 0
+
+  if sampler == "euler":
+    init_sigma = jnp.max(sig)
+    if timestep_spacing == "leading":
+      init_sigma = jnp.sqrt(init_sigma ** 2 + 1.0)
+
+    def body(i, x):
+      s, s_next = sig[i], sig[i + 1]
+      scale = jnp.sqrt(s * s + 1.0)
+      out = model(x / scale, ts[i])
+      if prediction_type == "epsilon":
+        x0 = x - s * out
+      elif prediction_type == "v_prediction":
+        x0 = out * (-s / scale) + x / (s * s + 1.0)
+      else:
+        x0 = out
+      return x + (x - x0) / s * (s_next - s)
+    return jax.lax.fori_loop(0, n, body, x_T * init_sigma)
+
+  # dpmpp_2m, in VP space with alpha = 1 / sqrt(sigma^2 + 1), sigma_vp = sigma * alpha, lambda = log(alpha/sigma_vp).
+  alpha = 1.0 / jnp.sqrt(sig * sig + 1.0)
+  sigma_vp = sig * alpha
+  lam = jnp.log(alpha) - jnp.log(sigma_vp)  # +inf at the final sigma 0
+  h = lam[1:] - lam[:-1]                     # [n]
+  h_prev = jnp.concatenate([jnp.ones((1,), jnp.float32), lam[1:-1] - lam[:-2]])
+  coef_x = sigma_vp[1:] / sigma_vp[:-1]
+  coef_d0 = -alpha[1:] * (jnp.exp(-h) - 1.0)
+  # Second order (midpoint) everywhere except the first step and the final (sigma -> 0) step.
+  second = jnp.asarray((np.arange(n) > 0) & (np.arange(n) < n - 1))
+  coef_d1 = jnp.where(second, 0.5 * coef_d0 * h / jnp.where(second, h_prev, 1.0), 0.0)
+
+  def body(i, carry):
+    x, m_prev = carry
+    out = model(x, ts[i])
+    m0, _ = _x0_eps(out, x, alpha[i], sigma_vp[i], prediction_type)
+    x_next = coef_x[i] * x + coef_d0[i] * m0 + coef_d1[i] * (m0 - m_prev)
+    return x_next, m0
+  x, _ = jax.lax.fori_loop(0, n, body, (x_T, jnp.zeros_like(x_T)))
+  return x
+
+
+_STATIC = ("shape", "sampler", "num_steps", "prediction_type", "timestep_spacing", "steps_offset", "use_cfg",
+           "use_eta")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_jit(denoise_fn, cond, uncond, rng, schedule, x_T, guidance_scale, eta, *, shape, sampler, num_steps,
+                prediction_type, timestep_spacing, steps_offset, use_cfg, use_eta):
+  return sample(denoise_fn, shape, cond, uncond if use_cfg else None, rng, schedule, sampler=sampler,
+                num_steps=num_steps, guidance_scale=guidance_scale if use_cfg else 1.0,
+                prediction_type=prediction_type, eta=eta if use_eta else 0.0, timestep_spacing=timestep_spacing,
+                steps_offset=steps_offset, x_T=x_T)
+
+
+def sample_jit(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: PyTree | None, rng: jax.Array,
+               schedule: NoiseSchedule, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
+               prediction_type: str = "epsilon", eta: float = 0.0, timestep_spacing: str = "leading",
+               steps_offset: int = 1, x_T: jax.Array | None = None) -> jax.Array:
+  """`sample` compiled with jax.jit and cached per (denoise_fn, shapes, static options).
+
+  guidance_scale and eta are traced (changing them does not recompile), except that guidance_scale == 1 selects
+  the cond-only program and eta == 0 the noise-free one. Pass model parameters through a `jax.tree_util.Partial` (e.g.
+  `Partial(apply_fn, params)`, called as apply_fn(params, x, t, cond)) so they are traced, not baked in;
+  a plain callable is cached by identity.
+  """
+  fn = denoise_fn if isinstance(denoise_fn, jax.tree_util.Partial) else jax.tree_util.Partial(denoise_fn)
+  use_cfg = uncond is not None and not _is_one(guidance_scale)
+  return _sample_jit(fn, cond, uncond if use_cfg else None, rng, schedule, x_T,
+                     jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(eta, jnp.float32),
+                     shape=tuple(int(s) for s in shape), sampler=sampler, num_steps=int(num_steps),
+                     prediction_type=prediction_type, timestep_spacing=timestep_spacing,
+                     steps_offset=int(steps_offset), use_cfg=use_cfg,
+                     use_eta=not _is_zero(eta))

@@ -1,0 +1,209 @@
+"""Noise schedules, forward process, min-SNR weights and the diffusion loss (against diffusers / numpy)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from t2i.objectives import diffusion as D
+
+T = 1000
+CASES = [  # (our kind, diffusers beta_schedule, beta_start, beta_end, rescale)
+    ("linear", "linear", 0.0001, 0.02, False),
+    ("scaled_linear", "scaled_linear", 0.00085, 0.012, False),
+    ("cosine", "squaredcos_cap_v2", 0.0001, 0.02, False),
+    ("scaled_linear", "scaled_linear", 0.00085, 0.012, True),
+]
+
+
+def _ddpm(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale=False, **kw):
+  return DDPMScheduler(num_train_timesteps=T, beta_schedule=beta_schedule, beta_start=beta_start,
+                       beta_end=beta_end, rescale_betas_zero_snr=rescale, **kw)
+
+
+@pytest.mark.parametrize("kind,dkind,b0,b1,rescale", CASES)
+def test_schedule_matches_diffusers(kind, dkind, b0, b1, rescale):
+  s = D.make_schedule(kind, T, b0, b1, rescale_zero_terminal_snr=rescale)
+  ref = _ddpm(dkind, b0, b1, rescale)
+  ac_ref = ref.alphas_cumprod.numpy()
+  if rescale:
+    # torch's float32 sqrt (AVX) is not correctly rounded; the rescale's cancellation amplifies that in betas.
+    np.testing.assert_allclose(np.asarray(s.betas), ref.betas.numpy(), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(s.alphas_cumprod), ac_ref, atol=1e-6)
+  else:  # bitwise
+    np.testing.assert_array_equal(np.asarray(s.betas), ref.betas.numpy())
+    np.testing.assert_array_equal(np.asarray(s.alphas_cumprod), ac_ref)
+  ac = np.asarray(s.alphas_cumprod)
+  np.testing.assert_allclose(np.asarray(s.sqrt_alphas_cumprod), np.sqrt(ac), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(s.sqrt_one_minus_alphas_cumprod), np.sqrt(1 - ac), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(s.snr), ac / (1 - ac), rtol=1e-5)
+  assert s.num_train_timesteps == T and s.betas.dtype == jnp.float32
+  if rescale:
+    assert float(s.alphas_cumprod[-1]) == 0.0 and float(s.snr[-1]) == 0.0
+
+
+def test_schedule_is_pytree_and_validates():
+  s = D.make_schedule()
+  leaves = jax.tree.leaves(s)
+  assert len(leaves) == 6
+  doubled = jax.jit(lambda sc: jax.tree.map(lambda a: 2 * a, sc))(s)
+  np.testing.assert_allclose(np.asarray(doubled.betas), 2 * np.asarray(s.betas))
+  with pytest.raises(ValueError, match="kind"):
+    D.make_schedule("quadratic")
+  with pytest.raises(ValueError, match="num_train_timesteps"):
+    D.make_schedule("linear", 1)
+
+
+def _data(seed=0, shape=(3, 4, 4, 2)):
+  r = np.random.RandomState(seed)
+  return r.randn(*shape).astype(np.float32), r.randn(*shape).astype(np.float32)
+
+
+def test_add_noise_velocity_target_match_diffusers():
+  s = D.make_schedule()
+  ref = _ddpm()
+  x0, noise = _data()
+  t = np.array([0, 517, 999], np.int32)
+  tt = torch.from_numpy(t.astype(np.int64))
+  xt_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), tt).numpy()
+  v_ref = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), tt).numpy()
+  np.testing.assert_allclose(np.asarray(D.add_noise(s, x0, noise, t)), xt_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(D.velocity(s, x0, noise, t)), v_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(D.target(s, x0, noise, t, "v_prediction")), v_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(D.target(s, x0, noise, t, "epsilon")), noise)
+  np.testing.assert_array_equal(np.asarray(D.target(s, x0, noise, t, "sample")), x0)
+  with pytest.raises(ValueError, match="prediction_type"):
+    D.target(s, x0, noise, t, "flow")
+
+
+def test_min_snr_weights_at_known_points():
+  s = D.make_schedule()
+  t = jnp.array([0, 500, 999])
+  snr = np.asarray(s.snr)[[0, 500, 999]].astype(np.float64)
+  assert snr[0] > 5 > snr[2]  # both sides of gamma
+  g = 5.0
+  eps = np.asarray(D.loss_weights(s, t, "epsilon", g))
+  v = np.asarray(D.loss_weights(s, t, "v_prediction", g))
+  x0 = np.asarray(D.loss_weights(s, t, "sample", g))
+  np.testing.assert_allclose(eps, np.minimum(snr, g) / snr, rtol=1e-5)
+  np.testing.assert_allclose(eps[[0, 2]], [g / snr[0], 1.0], rtol=1e-5)
+  np.testing.assert_allclose(v, np.minimum(snr, g) / (snr + 1), rtol=1e-5)
+  np.testing.assert_allclose(v[[0, 2]], [g / (snr[0] + 1), snr[2] / (snr[2] + 1)], rtol=1e-5)
+  np.testing.assert_allclose(x0, np.minimum(snr, g), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(D.loss_weights(s, t, "epsilon", None)), np.ones(3))
+  # Zero terminal SNR: finite weights at t = T-1.
+  z = D.make_schedule(rescale_zero_terminal_snr=True)
+  np.testing.assert_allclose(np.asarray(D.loss_weights(z, jnp.array([999]), "epsilon", g)), [1.0])
+  np.testing.assert_allclose(np.asarray(D.loss_weights(z, jnp.array([999]), "v_prediction", g)), [0.0])
+  with pytest.raises(ValueError, match="snr_gamma"):
+    D.loss_weights(s, t, "epsilon", 0.0)
+
+
+def test_sample_noise_and_t_with_offset():
+  s = D.make_schedule()
+  shape = (512, 2, 3, 4)
+
+  @jax.jit
+  def draw(rng):  # one compilation for all draws
+    return D.sample_noise_and_t(rng, shape, s, 0.0), D.sample_noise_and_t(rng, shape, s, 0.1)
+  (n0, t0), (n1, t1) = draw(jax.random.key(3))
+  np.testing.assert_array_equal(np.asarray(t0), np.asarray(t1))
+  assert t0.dtype == jnp.int32 and t0.shape == (512,)
+  assert 0 <= int(t0.min()) < 20 and 980 < int(t0.max()) < T
+  diff = np.asarray(n1 - n0)
+  np.testing.assert_allclose(diff, np.broadcast_to(diff[:, :1, :1, :], shape), atol=1e-6)  # constant over H, W
+  assert 0.08 < diff[:, 0, 0, :].std() < 0.12
+  assert 0.9 < float(np.asarray(n0).std()) < 1.1
+
+
+def test_per_example_error_mask_weights_and_types():
+  pred = np.array([[[[1.0], [2.0]]], [[[0.0], [4.0]]]], np.float32)  # [2, 1, 2, 1]
+  tgt = np.zeros_like(pred)
+  np.testing.assert_allclose(np.asarray(D.per_example_error(pred, tgt)), [2.5, 8.0])
+  np.testing.assert_allclose(np.asarray(D.per_example_error(pred, tgt, jnp.array([2.0, 0.5]), loss_type="l1")),
+                             [3.0, 1.0])
+  mask = np.array([[[[1.0], [0.0]]], [[[0.0], [1.0]]]], np.float32)
+  np.testing.assert_allclose(np.asarray(D.per_example_error(pred, tgt, None, mask)), [1.0, 16.0])
+  c = 0.1
+  hub = np.asarray(D.per_example_error(pred, tgt, loss_type="huber", huber_c=c))
+  ref = 2 * c * (np.sqrt(pred ** 2 + c * c) - c)
+  np.testing.assert_allclose(hub, ref.reshape(2, -1).mean(1), rtol=1e-6)
+  with pytest.raises(ValueError, match="loss_type"):
+    D.per_example_error(pred, tgt, loss_type="l3")
+  with pytest.raises(ValueError, match="mask"):
+    D.per_example_error(pred, tgt, None, np.ones((2, 3, 1, 1)))
+  with pytest.raises(ValueError, match="weights"):
+    D.per_example_error(pred, tgt, jnp.ones(3))
+
+
+def _toy_denoiser(x, t, cond):
+  return 0.5 * x + 0.001 * t[:, None, None, None].astype(x.dtype) + cond["bias"][:, None, None, :]
+
+
+LOSS_CASES = [  # (prediction_type, snr_gamma, loss_type, use_mask)
+    ("epsilon", None, "l2", False),
+    ("epsilon", 5.0, "l1", True),
+    ("v_prediction", 5.0, "l2", False),
+    ("v_prediction", None, "huber", True),
+    ("sample", 1.0, "l2", False),
+]
+
+
+def test_diffusion_loss_against_numpy():
+  s = D.make_schedule()
+  ac = _ddpm().alphas_cumprod.numpy().astype(np.float64)
+  x0, _ = _data(1, (4, 3, 3, 2))
+  cond = {"bias": np.linspace(-1, 1, 8).reshape(4, 2).astype(np.float32)}
+  mask = (np.arange(36).reshape(4, 3, 3, 1) % 3 != 0).astype(np.float32)
+  rng = jax.random.key(7)
+
+  @jax.jit
+  def run(x, c, r):  # all cases in one compilation
+    outs = [D.diffusion_loss(_toy_denoiser, x, c, r, s, prediction_type=pt, snr_gamma=g, noise_offset=0.05,
+                             loss_type=lt, mask=mask if um else None) for pt, g, lt, um in LOSS_CASES]
+    return outs, D.sample_noise_and_t(r, x.shape, s, 0.05)
+  outs, (noise, t) = run(x0, cond, rng)
+  # numpy hand computation, with the same noise and t.
+  noise, t = np.asarray(noise, np.float64), np.asarray(t)
+  a = ac[t][:, None, None, None]
+  x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+  pred = 0.5 * x_t + 0.001 * t[:, None, None, None] + cond["bias"][:, None, None, :]
+  snr = ac[t] / (1 - ac[t])
+  for (prediction_type, snr_gamma, loss_type, use_mask), (loss, metrics) in zip(LOSS_CASES, outs):
+    tgt = {"epsilon": noise, "v_prediction": np.sqrt(a) * noise - np.sqrt(1 - a) * x0, "sample": x0}[prediction_type]
+    d = pred - tgt
+    err = {"l2": d ** 2, "l1": np.abs(d), "huber": 0.2 * (np.sqrt(d ** 2 + 0.01) - 0.1)}[loss_type]
+    m = np.broadcast_to(mask, err.shape) if use_mask else np.ones_like(err)
+    per_ex = (err * m).sum((1, 2, 3)) / m.sum((1, 2, 3))
+    if snr_gamma is None:
+      w = np.ones(4)
+    else:
+      w = {"epsilon": np.minimum(snr, snr_gamma) / snr, "v_prediction": np.minimum(snr, snr_gamma) / (snr + 1),
+           "sample": np.minimum(snr, snr_gamma)}[prediction_type]
+    np.testing.assert_allclose(float(loss), (per_ex * w).mean(), rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["mse"]), ((d ** 2 * m).sum((1, 2, 3)) / m.sum((1, 2, 3))).mean(),
+                               rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["weight_mean"]), w.mean(), rtol=2e-5)
+  assert len({round(float(l), 6) for l, _ in outs}) == len(LOSS_CASES)  # the options do change the loss
+
+
+def test_diffusion_loss_gradient_and_shared_noise_pieces():
+  s = D.make_schedule()
+  x0, _ = _data(2, (2, 4, 4, 3))
+
+  def loss_fn(wgt):
+    return D.diffusion_loss(lambda x, t, c: x * wgt, x0, None, jax.random.key(0), s,
+                            prediction_type="v_prediction", snr_gamma=5.0)[0]
+
+  @jax.jit
+  def grad_and_fd(w, eps):
+    return jax.grad(loss_fn)(w), (loss_fn(w + eps) - loss_fn(w - eps)) / (2 * eps)
+  g, fd = grad_and_fd(jnp.float32(0.3), jnp.float32(1e-2))
+  assert np.isfinite(float(g)) and abs(float(g)) > 1e-4
+  np.testing.assert_allclose(float(g), float(fd), rtol=1e-3)  # loss is quadratic in wgt: central FD is exact
+  # Pieces: two images evaluated under a shared (noise, t) give the same error when identical.
+  noise, t = np.asarray(np.random.RandomState(0).randn(*x0.shape), np.float32), jnp.array([3, 700])
+  errs = [D.per_example_error(D.add_noise(s, x, noise, t), D.target(s, x, noise, t), D.loss_weights(s, t))
+          for x in (x0, x0.copy())]
+  np.testing.assert_array_equal(np.asarray(errs[0]), np.asarray(errs[1]))

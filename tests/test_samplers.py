@@ -1,0 +1,198 @@
+"""DDIM / Euler / DPM-Solver++(2M) trajectories against the diffusers scheduler loops, CFG and tracing."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from t2i.objectives.diffusion import make_schedule
+from t2i.sampling import diffusion as S
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+SHAPE = (2, 4, 4, 3)
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+          steps_offset=1)
+
+
+def f_torch(x, t, bias=0.0):
+  t = torch.as_tensor(t, dtype=torch.float32)
+  return 0.6 * torch.tanh(0.9 * x + t / 1000.0 + bias) + 0.25 * torch.cos(t / 150.0) * x
+
+
+def f_jax(x, t, cond):
+  """Same fake denoiser; t is float32 [B]; cond (if any) is {"bias": [B, 1, 1, 1]} added inside the tanh."""
+  tt = t[:, None, None, None]
+  bias = 0.0 if cond is None else cond["bias"]
+  return 0.6 * jnp.tanh(0.9 * x + tt / 1000.0 + bias) + 0.25 * jnp.cos(tt / 150.0) * x
+
+
+def diffusers_scheduler(sampler, prediction_type, spacing, rescale=False):
+  kw = dict(SD, prediction_type=prediction_type, timestep_spacing=spacing, rescale_betas_zero_snr=rescale)
+  if sampler == "ddim":
+    return DDIMScheduler(**kw, set_alpha_to_one=False, clip_sample=False)
+  if sampler == "euler":
+    return EulerDiscreteScheduler(**kw)
+  return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                                     lower_order_final=True)
+
+
+def diffusers_loop(scheduler, num_steps, noise, model=f_torch, step_noises=None, eta=0.0):
+  scheduler.set_timesteps(num_steps)
+  x = torch.from_numpy(noise) * scheduler.init_noise_sigma
+  for i, t in enumerate(scheduler.timesteps):
+    out = model(scheduler.scale_model_input(x, t), t)
+    kw = {} if step_noises is None else dict(eta=eta, variance_noise=torch.from_numpy(step_noises[i]))
+    x = scheduler.step(out, t, x, **kw).prev_sample
+  return x.numpy()
+
+
+def noise_like(seed=0, shape=SHAPE):
+  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+def assert_close(out, ref, rtol=1e-4):
+  out = np.asarray(out)
+  assert np.all(np.isfinite(out))
+  rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+  assert rel < rtol, rel
+  np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+@functools.lru_cache(maxsize=None)
+def schedule(rescale=False):
+  return make_schedule("scaled_linear", 1000, 0.00085, 0.012, rescale_zero_terminal_snr=rescale)
+
+
+CASES = ([(s, p, "leading", n) for s in S.SAMPLERS for p in ("epsilon", "v_prediction") for n in (10, 25)]
+         + [("ddim", "epsilon", "trailing", 10), ("ddim", "sample", "linspace", 25),
+            ("euler", "v_prediction", "linspace", 25),  # fractional timesteps: interpolated sigmas
+            ("euler", "epsilon", "trailing", 10), ("dpmpp_2m", "sample", "trailing", 10),
+            ("dpmpp_2m", "v_prediction", "linspace", 25)])
+
+
+@pytest.mark.parametrize("sampler,prediction_type,spacing,num_steps", CASES)
+def test_trajectory_matches_diffusers(sampler, prediction_type, spacing, num_steps):
+  noise = noise_like()
+  ref = diffusers_loop(diffusers_scheduler(sampler, prediction_type, spacing), num_steps, noise)
+  out = S.sample_jit(f_jax, SHAPE, None, None, jax.random.key(0), schedule(), sampler=sampler, num_steps=num_steps,
+                     guidance_scale=1.0, prediction_type=prediction_type, timestep_spacing=spacing,
+                     x_T=jnp.asarray(noise))
+  assert_close(out, ref)
+
+
+@pytest.mark.parametrize("sampler", S.SAMPLERS)
+def test_zero_terminal_snr_trailing_v_prediction(sampler):
+  noise = noise_like(1)
+  ref = diffusers_loop(diffusers_scheduler(sampler, "v_prediction", "trailing", rescale=True), 10, noise)
+  out = S.sample_jit(f_jax, SHAPE, None, None, jax.random.key(0), schedule(True), sampler=sampler, num_steps=10,
+                     guidance_scale=1.0, prediction_type="v_prediction", timestep_spacing="trailing",
+                     x_T=jnp.asarray(noise))
+  assert_close(out, ref)
+
+
+def test_ddim_eta_matches_diffusers_with_same_noise():
+  n, eta, rng = 10, 0.7, jax.random.key(5)
+  noise = noise_like(2)
+  _, step_key = jax.random.split(rng)  # documented noise convention
+  step_noises = [np.asarray(jax.random.normal(jax.random.fold_in(step_key, i), SHAPE)) for i in range(n)]
+  ref = diffusers_loop(diffusers_scheduler("ddim", "epsilon", "leading"), n, noise, step_noises=step_noises, eta=eta)
+  out = S.sample_jit(f_jax, SHAPE, None, None, rng, schedule(), sampler="ddim", num_steps=n, guidance_scale=1.0,
+                     eta=eta, x_T=jnp.asarray(noise))
+  assert_close(out, ref)
+  det = diffusers_loop(diffusers_scheduler("ddim", "epsilon", "leading"), n, noise)
+  assert np.linalg.norm(np.asarray(out) - det) > 1e-2 * np.linalg.norm(det)  # eta really adds noise
+
+
+def test_timesteps_match_diffusers():
+  for sampler in S.SAMPLERS:
+    for spacing in S.SPACINGS:
+      for n in (1, 7, 10, 25, 50):
+        sch = diffusers_scheduler(sampler, "epsilon", spacing)
+        sch.set_timesteps(n)
+        np.testing.assert_array_equal(S.timesteps_for(sampler, n, 1000, spacing, 1), sch.timesteps.numpy(),
+                                      err_msg=f"{sampler} {spacing} {n}")
+
+
+def test_cfg_combination_and_guidance_one():
+  """CFG: one batched [uncond; cond] call; uncond + g (cond - uncond); g == 1 gives the cond-only result."""
+  noise = noise_like(3)
+  b_c = np.array([0.3, -0.2], np.float32).reshape(2, 1, 1, 1)
+  b_u = np.zeros((1, 1, 1, 1), np.float32)  # leading dim 1 broadcasts over the batch
+  cond, uncond = {"bias": jnp.asarray(b_c)}, {"bias": jnp.asarray(b_u)}
+  calls = []
+
+  def f_counting(x, t, c):
+    calls.append((x.shape, c["bias"].shape))
+    return f_jax(x, t, c)
+
+  g = 4.0
+  sch = diffusers_scheduler("dpmpp_2m", "epsilon", "leading")
+  tb_c, tb_u = torch.from_numpy(b_c), torch.from_numpy(b_u)
+
+  def guided(x, t):
+    u, c = f_torch(x, t, tb_u), f_torch(x, t, tb_c)
+    return u + g * (c - u)
+  ref = diffusers_loop(sch, 10, noise, model=guided)
+  out = S.sample_jit(f_counting, SHAPE, cond, uncond, jax.random.key(0), schedule(), sampler="dpmpp_2m",
+                     num_steps=10, guidance_scale=g, x_T=jnp.asarray(noise))
+  assert_close(out, ref)
+  assert calls == [((4, 4, 4, 3), (4, 1, 1, 1))]  # traced once, with the doubled batch
+
+  cond_only = S.sample_jit(f_jax, SHAPE, cond, None, jax.random.key(0), schedule(), sampler="dpmpp_2m",
+                           num_steps=10, x_T=jnp.asarray(noise))
+  ref1 = diffusers_loop(sch, 10, noise, model=lambda x, t: f_torch(x, t, tb_c))
+  assert_close(cond_only, ref1)
+  g1 = S.sample_jit(f_jax, SHAPE, cond, uncond, jax.random.key(0), schedule(), sampler="dpmpp_2m", num_steps=10,
+                    guidance_scale=1.0, x_T=jnp.asarray(noise))
+  np.testing.assert_array_equal(np.asarray(g1), np.asarray(cond_only))
+  # A traced guidance scale of 1 takes the batched path and still equals the cond-only result.
+  traced = jax.jit(lambda gs: S.sample(f_jax, SHAPE, cond, uncond, jax.random.key(0), schedule(),
+                                       sampler="dpmpp_2m", num_steps=10, guidance_scale=gs,
+                                       x_T=jnp.asarray(noise)))(jnp.float32(1.0))
+  np.testing.assert_allclose(np.asarray(traced), np.asarray(cond_only), rtol=1e-5, atol=1e-5)
+
+
+def test_traces_once_and_works_inside_outer_jit_with_pytree_cond():
+  traces = []
+
+  def apply_fn(params, x, t, cond):
+    traces.append(1)
+    h = cond["encoder_hidden_states"].mean(axis=1) + cond["text_embeds"]  # [B, 3]
+    return params["w"] * jnp.tanh(x + h[:, None, None, :] + t[:, None, None, None] / 1000.0)
+
+  cond = {"encoder_hidden_states": jnp.ones((2, 5, 3)), "text_embeds": jnp.full((2, 3), 0.5)}
+  uncond = jax.tree.map(jnp.zeros_like, cond)
+  kw = dict(sampler="euler", num_steps=8, guidance_scale=5.0)
+  fn = jax.tree_util.Partial(apply_fn, {"w": jnp.float32(0.5)})
+  a = S.sample_jit(fn, SHAPE, cond, uncond, jax.random.key(0), schedule(), **kw)
+  assert len(traces) == 1
+  fn2 = jax.tree_util.Partial(apply_fn, {"w": jnp.float32(0.7)})  # new params: same program
+  b = S.sample_jit(fn2, SHAPE, jax.tree.map(lambda v: v * 2, cond), uncond, jax.random.key(1), schedule(), **kw)
+  assert len(traces) == 1
+  assert a.shape == SHAPE and np.all(np.isfinite(np.asarray(b))) and not np.allclose(np.asarray(a), np.asarray(b))
+
+  @functools.partial(jax.jit, static_argnames="steps")
+  def generate(params, cond, uncond, rng, steps):
+    return S.sample(jax.tree_util.Partial(apply_fn, params), SHAPE, cond, uncond, rng, schedule(),
+                    sampler="ddim", num_steps=steps, guidance_scale=3.0)
+  generate({"w": jnp.float32(0.5)}, cond, uncond, jax.random.key(0), steps=6)
+  generate({"w": jnp.float32(0.6)}, cond, uncond, jax.random.key(2), steps=6)
+  assert len(traces) == 2
+
+
+def test_bad_arguments():
+  args = (f_jax, SHAPE, None, None, jax.random.key(0), schedule())
+  with pytest.raises(ValueError, match="sampler"):
+    S.sample(*args, sampler="heun")
+  with pytest.raises(ValueError, match="num_steps"):
+    S.sample(*args, num_steps=0)
+  with pytest.raises(ValueError, match="prediction_type"):
+    S.sample(*args, prediction_type="flow")
+  with pytest.raises(ValueError, match="timestep_spacing"):
+    S.sample(*args, timestep_spacing="karras")
+  with pytest.raises(ValueError, match="x_T"):
+    S.sample(*args, x_T=jnp.zeros((1, 4, 4, 3)))

@@ -1,0 +1,221 @@
+"""U-Net: parity with diffusers (tiny random models), preset sizes, hooks, remat/bf16 smoke."""
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t2i.convert.common import CheckpointError
+from t2i.convert.unet import abstract_params, load_diffusers_unet
+from t2i.models.unet import UNET_PRESETS, UNet2DConditionModel, dummy_inputs
+
+TINY = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+
+TINY_CONFIGS = {
+    "sd_conv_proj": dict(TINY, use_linear_projection=False),
+    "sd_linear_proj": dict(TINY, use_linear_projection=True, layers_per_block=2, norm_num_groups=32,
+                           attention_head_dim=(2, 4), freq_shift=1, flip_sin_to_cos=False),
+    "sdxl_like": dict(
+        TINY, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24 + 6 * 8),
+}
+
+
+def _save_random_diffusers_unet(config, folder, seed=0):
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  torch.manual_seed(seed)
+  model = diffusers.UNet2DConditionModel(**{k: list(v) if isinstance(v, tuple) else v
+                                            for k, v in config.items()})
+  with torch.no_grad():  # diffusers zero-inits some layers; randomise everything.
+    for p in model.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  model.eval()
+  model.save_pretrained(folder, safe_serialization=True)
+  return model
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_parity_with_diffusers(name, tmp_path):
+  torch = pytest.importorskip("torch")
+  config = TINY_CONFIGS[name]
+  ref = _save_random_diffusers_unet(config, tmp_path)
+  module, params = load_diffusers_unet(tmp_path)
+
+  # Converted params match the module's own init exactly (structure, shapes, float32).
+  abstract = abstract_params(module)
+  assert jax.tree.structure(abstract) == jax.tree.structure(params)
+  for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params)):
+    assert a.shape == p.shape and p.dtype == np.float32
+
+  rng = np.random.default_rng(1)
+  b, s = 2, config["sample_size"]
+  x = rng.standard_normal((b, 4, s, s)).astype(np.float32)
+  t = np.array([3.0, 871.0], np.float32)
+  ctx = rng.standard_normal((b, 7, 32)).astype(np.float32)
+  kwargs, tkwargs = {}, {}
+  if config.get("addition_embed_type") == "text_time":
+    text_embeds = rng.standard_normal((b, 24)).astype(np.float32)
+    time_ids = rng.uniform(0, 1024, (b, 6)).astype(np.float32)
+    kwargs = dict(text_embeds=text_embeds, time_ids=time_ids)
+    tkwargs = dict(added_cond_kwargs={"text_embeds": torch.tensor(text_embeds),
+                                      "time_ids": torch.tensor(time_ids)})
+  with torch.no_grad():
+    want = ref(torch.tensor(x), torch.tensor(t), torch.tensor(ctx), **tkwargs).sample.numpy()
+  with jax.default_matmul_precision("highest"):
+    got = module.apply({"params": params}, x.transpose(0, 2, 3, 1), t, ctx, **kwargs)
+  got = np.asarray(got).transpose(0, 3, 1, 2)
+  err = np.abs(got - want).max() / np.abs(want).max()
+  assert err <= 1e-5, err
+
+
+def test_loader_errors(tmp_path):
+  with pytest.raises(CheckpointError, match="config.json"):
+    load_diffusers_unet(tmp_path)
+  _save_random_diffusers_unet(TINY_CONFIGS["sd_conv_proj"], tmp_path)
+  cfg = (tmp_path / "config.json").read_text()
+  (tmp_path / "config.json").write_text(cfg.replace('"resnet_time_scale_shift": "default"',
+                                                    '"resnet_time_scale_shift": "scale_shift"'))
+  with pytest.raises(CheckpointError, match="resnet_time_scale_shift"):
+    load_diffusers_unet(tmp_path)
+  (tmp_path / "config.json").write_text(cfg)
+  load_diffusers_unet(tmp_path)
+  from safetensors.numpy import save_file
+  save_file({"extra.weight": np.zeros((2,), np.float32)}, str(tmp_path / "extra.safetensors"))
+  with pytest.raises(CheckpointError, match="unexpected tensors"):
+    load_diffusers_unet(tmp_path)
+
+
+def test_from_config_ignores_unknown_and_rejects_unsupported():
+  m = UNet2DConditionModel.from_config(dict(TINY, _class_name="UNet2DConditionModel", foo=1))
+  assert m.block_out_channels == (32, 64)
+  with pytest.raises(ValueError, match="down_block_types"):
+    UNet2DConditionModel.from_config(dict(TINY, down_block_types=["SimpleCrossAttnDownBlock2D",
+                                                                    "DownBlock2D"]))
+  with pytest.raises(ValueError, match="transformer_layers_per_block"):
+    bad = UNet2DConditionModel(**dict(TINY, transformer_layers_per_block=(1, 2, 3)))
+    jax.eval_shape(lambda: bad.init(jax.random.key(0), **dummy_inputs(bad)))
+  with pytest.raises(ValueError, match="only_cross_attention"):
+    UNet2DConditionModel.from_config(dict(TINY, only_cross_attention=True))
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("preset,expected", [("sdxl", 2_567_463_684), ("sd15", 859_520_964)])
+def test_preset_param_counts(preset, expected):
+  module = UNet2DConditionModel(**UNET_PRESETS[preset])
+  n = _count(abstract_params(module))
+  assert abs(n - expected) / expected < 0.005, n
+
+
+def test_logical_axis_names_on_all_params():
+  module = UNet2DConditionModel(**TINY_CONFIGS["sdxl_like"])
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), **dummy_inputs(module)))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  specs = nn.get_partition_spec(boxed)
+  assert all(len(s) == v.value.ndim for s, v in zip(
+      jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)), leaves))
+
+
+HOOKS_CONFIG = dict(TINY_CONFIGS["sdxl_like"], layers_per_block=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  module = UNet2DConditionModel(**HOOKS_CONFIG)
+  inputs = dummy_inputs(module, batch=2, text_len=5)
+  rng = np.random.default_rng(0)
+  inputs = {k: jnp.asarray(rng.standard_normal(v.shape), v.dtype) for k, v in inputs.items()}
+  # Random params straight from the abstract tree (compiling `init` is slow on CPU).
+  params = jax.tree.map(lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), jnp.float32),
+                        abstract_params(module))
+  return module, params, inputs, module.apply({"params": params}, **inputs)
+
+
+def test_cross_attention_probs_sown(tiny):
+  module, params, inputs, out_plain = tiny
+  out, state = module.apply({"params": params}, **inputs, mutable=["intermediates"])
+  assert "intermediates" in state
+  np.testing.assert_allclose(out, out_plain, rtol=1e-4, atol=1e-4)
+  flat = flax.traverse_util.flatten_dict(state["intermediates"])
+  probs = {k: v for k, v in flat.items() if k[-1] == "cross_attn_probs"}
+  # Block 1 (down: 1 layer x depth 2) + mid (depth 2) + up block 0 (2 layers x depth 2), all at 8x8.
+  assert len(probs) == 1 * 2 + 2 + 2 * 2
+  for path, (p,) in probs.items():
+    assert "attn2" in path
+    assert p.shape == (2, 4, 8 * 8, 5), (path, p.shape)
+    np.testing.assert_allclose(np.asarray(p).sum(-1), 1.0, rtol=1e-5)
+  # Without the mutable collection nothing is sown.
+  assert not isinstance(out_plain, tuple)
+
+
+def test_project_kv_interception(tiny):
+  module, params, inputs, ref = tiny
+  calls = []
+
+  def zero_values(next_fun, args, kwargs, context):
+    if context.method_name != "project_kv":
+      return next_fun(*args, **kwargs)
+    calls.append(context.module.name)
+    k, v = next_fun(*args, **kwargs)
+    return k, jnp.zeros_like(v)
+
+  with nn.intercept_methods(zero_values):
+    out = module.apply({"params": params}, **inputs)
+  assert calls and set(calls) == {"attn2"} and len(calls) == 8
+  assert float(jnp.abs(out - ref).max()) > 1e-3
+
+  # Identity interception reproduces the output exactly.
+  with nn.intercept_methods(lambda f, a, kw, c: f(*a, **kw)):
+    same = module.apply({"params": params}, **inputs)
+  np.testing.assert_array_equal(same, ref)
+
+
+def test_remat(tiny):
+  module, params, inputs, _ = tiny
+  remat = module.clone(remat=True)
+  # Every resnet and transformer block of the U-Net is wrapped in a checkpoint.
+  jaxpr = jax.make_jaxpr(lambda p: remat.apply({"params": p}, **inputs))(params)
+  n_ckpt = str(jaxpr).count("remat2[") + str(jaxpr).count("checkpoint[")
+  n_resnets = 2 * 1 + 2 + 2 * 2  # down (1 layer each), mid (2), up (2 layers each)
+  n_blocks = 1 * 2 + 2 + 2 * 2  # transformer depth 2 in down block 1, mid, up block 0
+  assert n_ckpt == n_resnets + n_blocks, n_ckpt
+
+  # Gradients through a remat'ed transformer stack equal the plain ones.
+  from t2i.models.unet import SpatialTransformer
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 4, 32)), jnp.float32)
+  ctx = inputs["encoder_hidden_states"]
+  st = SpatialTransformer(heads=4, depth=2, norm_num_groups=8, use_linear_projection=True)
+  p = jax.eval_shape(lambda: nn.meta.unbox(st.init(jax.random.key(0), x, ctx)["params"]))
+  p = jax.tree.map(lambda a: jnp.asarray(0.2 * np.random.default_rng(3).standard_normal(a.shape), a.dtype), p)
+
+  def loss(p, m):
+    return jnp.mean(m.apply({"params": p}, x, ctx) ** 2)
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  with jax.default_matmul_precision("highest"):
+    g0 = grad(p, st)
+    g1 = grad(p, st.clone(remat=True))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_smoke(tiny):
+  module, params, inputs, ref = tiny
+  bf16 = module.clone(dtype=jnp.bfloat16)
+  out = jax.jit(bf16.apply)({"params": params}, **inputs)
+  assert out.dtype == jnp.bfloat16 and out.shape == ref.shape
+  assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+  rel = float(jnp.abs(out.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+  assert rel < 0.1, rel

@@ -24,3 +24,52 @@ AXIS_RULES = (
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
   """Mesh shape over axes (data, fsdp, tensor); -1 fills the remaining devices."""
   return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def optimizer_config(lr: float = 1e-4, warmup_steps: int = 0, schedule: str = "cosine", weight_decay: float = 1e-2,
+                     grad_clip: float = 1.0, grad_accum: int = 1) -> ml_collections.ConfigDict:
+  """AdamW with a weight-decay mask (kernels/embeddings only), warm-up + cosine/constant, clipping, accumulation."""
+  return ml_collections.ConfigDict(dict(
+      name="adamw", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, wd_mask="ndim>=2",
+      schedule=schedule, warmup_steps=warmup_steps, min_lr_ratio=0.0, grad_clip=grad_clip, grad_accum=grad_accum))
+
+
+def module_config(module: str, config: dict | None = None, preset: str | None = None, dtype: str = "float32",
+                  param_dtype: str = "float32", remat: bool = False, **extra) -> ml_collections.ConfigDict:
+  """A model entry: flax class path, optional *_PRESETS name, field overrides (diffusers/transformers keys)."""
+  d = dict(module=module, preset=preset, config=dict(config or {}), dtype=dtype, param_dtype=param_dtype,
+           remat=remat, checkpoint=None)
+  d.update(extra)
+  return ml_collections.ConfigDict(d)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every text-to-image experiment has; experiment files fill in models, data and sizes."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.objective = "diffusion"
+  c.image_size = 32
+  c.batch_size = 32                 # global batch
+  c.total_steps = 1000              # train steps (micro-steps when optimizer.grad_accum > 1)
+  c.log_every = 10                  # TensorBoard scalars (metrics.jsonl gets every step)
+  c.ckpt_every = 500
+  c.keep_ckpts = 3
+  c.async_ckpt = True
+  c.sample_every = 500              # validation grid PNG + TensorBoard image; 0 = never
+  c.progress = True
+  c.mesh = mesh_config()
+  c.axis_rules = AXIS_RULES
+  c.optimizer = optimizer_config()
+  c.ema = ml_collections.ConfigDict(dict(decay=0.999, every=1, warmup=True))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule=dict(kind="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                    rescale_zero_terminal_snr=False),
+      prediction_type="epsilon", snr_gamma=0.0, noise_offset=0.0, loss_type="l2", cond_dropout=0.1))
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=16, vocab_size=0))
+  c.text_encoder_2 = None
+  c.vae = None
+  # Precompute pass over the first num_batches batches: frozen-VAE latents and frozen text embeddings.
+  c.cache = ml_collections.ConfigDict(dict(enabled=False, num_batches=100))
+  c.sample = ml_collections.ConfigDict(dict(prompts=["a red circle"], num_steps=25, guidance_scale=4.0,
+                                            sampler="ddim", seed=0))
+  return c

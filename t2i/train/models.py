@@ -1,0 +1,324 @@
+"""Builds the text-to-image modules (U-Net, text encoder(s), optional VAE) and tokenizer from the config.
+
+config.unet / config.text_encoder / config.text_encoder_2 / config.vae each hold:
+  module: dotted path of a flax module class ("t2i.models.unet.UNet2DConditionModel");
+  preset: optional name in the module file's *_PRESETS dict; config: dict of (diffusers-style) fields that
+  override the preset; dtype / param_dtype (strings); remat; checkpoint: optional diffusers / transformers
+  save_pretrained folder (safetensors) whose config.json and weights replace preset/config and the random init.
+  Text encoders also carry `trainable` and `hidden_layer` (-1 final output, -2 penultimate as in SDXL). `config.vae = None` trains in pixel space.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def import_object(path: str) -> Any:
+  mod, _, name = path.rpartition(".")
+  try:
+    return getattr(importlib.import_module(mod), name)
+  except (ImportError, AttributeError) as e:
+    raise ImportError(f"cannot import {path!r}: {e}") from e
+
+
+def _tuplify(x: Any) -> Any:
+  if isinstance(x, (list, tuple)):
+    return tuple(_tuplify(v) for v in x)
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  return x
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+  if cfg is None:
+    return {}
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def build_module(cfg: Any, name: str, overrides: dict[str, Any] | None = None) -> nn.Module:
+  """Instantiates `cfg.module` from preset + config (+ overrides), then sets dtype/param_dtype/remat.
+
+  A config value of -1 for a key of `overrides` (e.g. "vocab_size", "eos_token_id") takes the override value.
+  """
+  if not cfg.get("module"):
+    raise ValueError(f"config.{name}.module: missing (dotted path of a flax module class)")
+  if cfg.get("checkpoint"):
+    module = module_from_checkpoint(cfg, name)
+    return _set_dtypes(module, cfg)
+  cls = import_object(cfg.module)
+  fields = {}
+  if cfg.get("preset"):
+    mod = importlib.import_module(cfg.module.rpartition(".")[0])
+    tables = {k: v for k, v in vars(mod).items() if k.endswith("_PRESETS") and isinstance(v, dict)}
+    hits = [t[cfg.preset] for t in tables.values() if cfg.preset in t]
+    if not hits:
+      known = sorted(p for t in tables.values() for p in t)
+      raise ValueError(f"config.{name}.preset={cfg.preset!r}: unknown (known: {known})")
+    fields.update(hits[0])
+  fields.update(_to_dict(cfg.get("config")))
+  for k, v in (overrides or {}).items():
+    if fields.get(k) == -1:
+      fields[k] = v
+  fields = _tuplify(fields)
+  if hasattr(cls, "from_config"):
+    module = cls.from_config(fields)
+  else:
+    known = getattr(cls, "__dataclass_fields__", {})
+    bad = sorted(k for k in fields if k not in known)
+    if bad:
+      raise ValueError(f"config.{name}.config: unknown fields {bad} for {cfg.module}")
+    module = cls(**fields)
+  return _set_dtypes(module, cfg)
+
+
+def _set_dtypes(module: nn.Module, cfg: Any) -> nn.Module:
+  extra = {}
+  for key in ("dtype", "param_dtype", "remat"):
+    if cfg.get(key) is not None and key in module.__dataclass_fields__:
+      extra[key] = jnp.dtype(cfg[key]) if key != "remat" else bool(cfg[key])
+  return module.clone(**extra) if extra else module
+
+
+# Pretrained folders (diffusers / transformers save_pretrained layout, safetensors only), by module class name.
+_CHECKPOINT_KINDS = {"UNet2DConditionModel": "unet", "CLIPTextModel": "clip", "AutoencoderKL": "vae"}
+
+
+def _checkpoint_kind(cfg: Any, name: str) -> str:
+  kind = _CHECKPOINT_KINDS.get(cfg.module.rpartition(".")[2])
+  if kind is None:
+    raise ValueError(f"config.{name}.checkpoint: no loader for {cfg.module} (loaders: {sorted(_CHECKPOINT_KINDS)})")
+  return kind
+
+
+def module_from_checkpoint(cfg: Any, name: str) -> nn.Module:
+  """The module described by `cfg.checkpoint`/config.json (no weights read)."""
+  from t2i.convert.common import read_config
+  folder = cfg.checkpoint
+  conf = read_config(folder)
+  source = os.path.join(folder, "config.json")
+  kind = _checkpoint_kind(cfg, name)
+  if kind == "unet":
+    from t2i.models.unet import UNet2DConditionModel
+    return UNet2DConditionModel.from_config(conf)
+  if kind == "clip":
+    from t2i.convert.clip import clip_text_from_config
+    proj = "WithProjection" in " ".join(conf.get("architectures") or []) or \
+        bool(_to_dict(cfg.get("config")).get("with_projection", False))
+    return clip_text_from_config(conf, source, with_projection=proj)
+  from t2i.convert.vae import vae_from_config
+  return vae_from_config(conf, source)
+
+
+def load_checkpoint_params(cfg: Any, name: str) -> Any:
+  """Unboxed float32 params of `cfg.checkpoint` (numpy / host arrays)."""
+  kind = _checkpoint_kind(cfg, name)
+  if kind == "unet":
+    from t2i.convert.unet import load_diffusers_unet
+    return load_diffusers_unet(cfg.checkpoint)[1]
+  if kind == "clip":
+    from t2i.convert.clip import load_transformers_clip_text
+    return load_transformers_clip_text(cfg.checkpoint)[1]
+  from t2i.convert.vae import load_diffusers_vae
+  return load_diffusers_vae(cfg.checkpoint)[1]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class T2IModels:
+  """Modules and constants the objective needs; closed over by the jitted step (not a jit argument)."""
+  unet: nn.Module
+  text_encoders: dict[str, nn.Module]
+  vae: nn.Module | None
+  trainable: tuple[str, ...]      # names of trainable param groups ("unet", "text_encoder", ...)
+  image_size: int
+  max_length: int
+  latent_shape: tuple[int, ...]   # per-example shape the U-Net denoises
+  uncond_ids: np.ndarray          # int32 [L]: the empty prompt
+  schedule: Any
+  config: Any                     # the full experiment config (loss options etc.)
+  add_time_ids: bool = False
+  hidden_layers: tuple[int, ...] = ()   # per text encoder: -1 = final (normed) output, -2 = penultimate, ...
+
+  def encode_text(self, params: dict[str, Any], input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(encoder_hidden_states, pooled): hidden states of all encoders concatenated, pooled of the last."""
+    hs, pooled = [], None
+    layers = self.hidden_layers or (-1,) * len(self.text_encoders)
+    for (name, te), layer in zip(self.text_encoders.items(), layers):
+      if layer == -1:
+        h, pooled = te.apply({"params": params[name]}, input_ids)
+      else:
+        _, pooled, all_h = te.apply({"params": params[name]}, input_ids, output_hidden_states=True)
+        h = all_h[layer]
+      hs.append(h)
+    return jnp.concatenate(hs, -1) if len(hs) > 1 else hs[0], pooled
+
+  def cond(self, params: dict[str, Any], input_ids: jax.Array, time_ids: jax.Array | None = None) -> dict:
+    ehs, pooled = self.encode_text(params, input_ids)
+    return self.cond_from_embeddings(ehs, pooled, time_ids)
+
+  def cond_from_embeddings(self, ehs: jax.Array, pooled: jax.Array | None, time_ids: jax.Array | None) -> dict:
+    """U-Net conditioning; SDXL's time_ids default to (H, W, 0, 0, H, W): full image, no crop."""
+    out = {"encoder_hidden_states": ehs}
+    if self.add_time_ids:
+      if time_ids is None:
+        s = float(self.image_size)
+        time_ids = jnp.broadcast_to(jnp.array([s, s, 0.0, 0.0, s, s], jnp.float32), (ehs.shape[0], 6))
+      out["text_embeds"] = pooled
+      out["time_ids"] = time_ids
+    return out
+
+  def denoise(self, unet_params: Any, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
+    kw = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+    return self.unet.apply({"params": unet_params}, x, t, cond["encoder_hidden_states"], **kw)
+
+  @property
+  def latent_scale(self) -> tuple[float, float]:
+    if self.vae is None:
+      return 1.0, 0.0
+    return float(self.vae.scaling_factor), float(getattr(self.vae, "shift_factor", None) or 0.0)
+
+  def to_latents(self, params: dict[str, Any], image: jax.Array, rng: jax.Array) -> jax.Array:
+    if self.vae is None:
+      return image
+    mean, logvar = self.vae.apply({"params": params["vae"]}, image, method="encode")
+    return self.latents_from_moments(mean, logvar, rng)
+
+  def latents_from_moments(self, mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.Array:
+    """A posterior sample, shifted and scaled as the U-Net sees latents."""
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    scale, shift = self.latent_scale
+    return (z - shift) * scale
+
+  def to_image(self, params: dict[str, Any], latents: jax.Array) -> jax.Array:
+    if self.vae is None:
+      return latents
+    scale, shift = self.latent_scale
+    return self.vae.apply({"params": params["vae"]}, latents / scale + shift, method="decode")
+
+
+def build_models(config: Any, tokenize: Tokenizer) -> T2IModels:
+  from t2i.objectives import diffusion
+  unet = build_module(config.unet, "unet")
+  from_tok = {"vocab_size": tokenize.vocab_size, "eos_token_id": tokenize.eos_token_id}
+  encoders = {n: build_module(config[n], n, from_tok)
+              for n in TEXT_ENCODERS if config.get(n) is not None}
+  if "text_encoder" not in encoders:
+    raise ValueError("config.text_encoder: missing")
+  vae = None
+  if config.get("vae") is not None:
+    vae = build_module(config.vae, "vae")
+  trainable = ("unet",) + tuple(n for n in encoders if config[n].get("trainable", False))
+  size = int(config.image_size)
+  if vae is not None:
+    z = jax.eval_shape(lambda x: vae.init_with_output(jax.random.PRNGKey(0), x, method="encode")[0][0],
+                       jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    latent_shape = tuple(z.shape[1:])
+  else:
+    latent_shape = (size, size, 3)
+  sched_cfg = _to_dict(config.diffusion.schedule)
+  return T2IModels(
+      unet=unet, text_encoders=encoders, vae=vae, trainable=trainable, image_size=size,
+      max_length=int(config.tokenizer.max_length), latent_shape=latent_shape, uncond_ids=tokenize([""])[0],
+      schedule=diffusion.make_schedule(**sched_cfg), config=config,
+      add_time_ids=getattr(unet, "addition_embed_type", None) == "text_time",
+      hidden_layers=tuple(int(config[n].get("hidden_layer", -1)) for n in encoders))
+
+
+def init_fns(models: T2IModels) -> dict[str, Callable[[jax.Array], Any]]:
+  """name -> init(rng) returning boxed params, for every module (trainable or frozen)."""
+  b, L = 1, models.max_length
+  ids = jnp.zeros((b, L), jnp.int32)
+  fns: dict[str, Callable[[jax.Array], Any]] = {}
+  for name, te in models.text_encoders.items():
+    fns[name] = (lambda te: lambda rng: te.init(rng, ids)["params"])(te)
+
+  def unet_init(rng):
+    dummy = {n: jax.eval_shape(lambda t=t: models.text_encoders[n].init_with_output(
+        jax.random.PRNGKey(0), ids)[0]) for n, t in models.text_encoders.items()}
+    hs = [dummy[n][0] for n in models.text_encoders]
+    ehs = jnp.zeros((b, L, sum(h.shape[-1] for h in hs)), jnp.float32)
+    cond = {"encoder_hidden_states": ehs}
+    if models.add_time_ids:
+      pooled = dummy[list(models.text_encoders)[-1]][1]
+      cond["text_embeds"] = jnp.zeros((b,) + pooled.shape[1:], jnp.float32)
+      cond["time_ids"] = jnp.zeros((b, 6), jnp.float32)
+    kw = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+    x = jnp.zeros((b,) + models.latent_shape, jnp.float32)
+    return models.unet.init(rng, x, jnp.zeros((b,), jnp.int32), ehs, **kw)["params"]
+  fns["unet"] = unet_init
+  if models.vae is not None:
+    size = models.image_size
+    fns["vae"] = lambda rng: models.vae.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+  return fns
+
+
+def pretrained_params(config: Any) -> dict[str, Any]:
+  """name -> params loaded from `config.<name>.checkpoint` (host arrays, unsharded), for every model with one."""
+  out = {}
+  for name in ("unet",) + TEXT_ENCODERS + ("vae",):
+    cfg = config.get(name)
+    if cfg is not None and cfg.get("checkpoint"):
+      out[name] = load_checkpoint_params(cfg, name)
+  return out
+
+
+# --- tokenizer ---
+
+class Tokenizer:
+  """texts -> int32 [n, max_length]; `vocab_size` sizes the text encoder's embedding table."""
+
+  def __init__(self, fn: Callable[[list[str]], np.ndarray], vocab_size: int, eos_token_id: int):
+    self._fn = fn
+    self.vocab_size = int(vocab_size)
+    self.eos_token_id = int(eos_token_id)
+
+  def __call__(self, texts: list[str]) -> np.ndarray:
+    return self._fn(list(texts))
+
+
+def setup_tokenizer(config: Any, workdir: str) -> Tokenizer:
+  """Creates (or reuses) `workdir/tokenizer/` from config.tokenizer and returns texts -> int32 [n, L]."""
+  out_dir = os.path.join(workdir, "tokenizer")
+  cfg = config.tokenizer
+  if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    kind = cfg.kind
+    if kind == "toy":
+      with open(os.path.join(out_dir, "toy.json"), "w") as f:
+        json.dump({"vocab_size": int(cfg.vocab_size)}, f)
+    elif kind == "shapes":
+      from t2i.text.tokenizer import build_clip_tokenizer, default_shapes_corpus
+      build_clip_tokenizer(default_shapes_corpus(), out_dir)
+    elif kind == "pretrained":
+      from transformers import CLIPTokenizer
+      CLIPTokenizer.from_pretrained(cfg.path).save_pretrained(out_dir)
+    else:
+      raise ValueError(f"config.tokenizer.kind={kind!r}: expected 'toy', 'shapes' or 'pretrained'")
+  return load_tokenizer(workdir, int(cfg.max_length))
+
+
+def load_tokenizer(workdir: str, max_length: int) -> Tokenizer:
+  """texts -> int32 [n, max_length] from `workdir/tokenizer/`."""
+  tok_dir = os.path.join(workdir, "tokenizer")
+  toy = os.path.join(tok_dir, "toy.json")
+  if os.path.exists(toy):
+    from t2i.train.toy import toy_tokenize
+    with open(toy) as f:
+      vocab = json.load(f)["vocab_size"]
+    return Tokenizer(lambda texts: toy_tokenize(texts, max_length, vocab), vocab, 2)
+  if not os.path.isdir(tok_dir):
+    raise FileNotFoundError(f"{tok_dir}: no tokenizer (a train run writes it into its workdir)")
+  from transformers import CLIPTokenizer
+  from t2i.text.tokenizer import tokenize
+  tok = CLIPTokenizer.from_pretrained(tok_dir)
+  return Tokenizer(lambda texts: np.asarray(tokenize(tok, texts, max_length), np.int32), len(tok),
+                   tok.eos_token_id)

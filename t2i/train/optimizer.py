@@ -1,0 +1,74 @@
+"""Optax optimiser from the config: AdamW + weight-decay mask, warm-up + cosine/constant, clipping, accumulation.
+
+config.optimizer fields:
+  name: "adamw" | "adam" | "sgd"; lr; b1; b2; eps; weight_decay;
+  wd_mask: "ndim>=2" (decay kernels/embeddings only) | "all" | "none";
+  schedule: "cosine" | "constant"; warmup_steps; min_lr_ratio (cosine end value / lr);
+  grad_clip (global norm, 0 = off); grad_accum (micro-steps per update, via optax.MultiSteps).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+
+def lr_schedule(cfg: Any, total_steps: int) -> Callable[[Any], Any]:
+  """Learning rate as a function of the optimiser update count."""
+  lr = float(cfg.lr)
+  warmup = int(cfg.get("warmup_steps", 0))
+  kind = cfg.get("schedule", "cosine")
+  updates = max(1, total_steps // max(1, int(cfg.get("grad_accum", 1))))
+  if kind == "constant":
+    main = optax.constant_schedule(lr)
+  elif kind == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(1, updates - warmup), alpha=float(cfg.get("min_lr_ratio", 0.0)))
+  else:
+    raise ValueError(f"config.optimizer.schedule={kind!r}: expected 'cosine' or 'constant'")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def decay_mask(kind: str) -> Any:
+  if kind == "all":
+    return None
+  if kind == "none":
+    return lambda params: jax.tree.map(lambda _: False, params)
+  if kind == "ndim>=2":
+    return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  raise ValueError(f"config.optimizer.wd_mask={kind!r}: expected 'ndim>=2', 'all' or 'none'")
+
+
+def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """Returns (tx, schedule). With grad_accum > 1, tx is an `optax.MultiSteps` wrapper."""
+  sched = lr_schedule(cfg, total_steps)
+  name = cfg.get("name", "adamw")
+  if name == "adamw":
+    opt = optax.adamw(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
+                      weight_decay=cfg.get("weight_decay", 0.0), mask=decay_mask(cfg.get("wd_mask", "ndim>=2")))
+  elif name == "adam":
+    opt = optax.adam(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8))
+  elif name == "sgd":
+    opt = optax.sgd(sched, momentum=cfg.get("momentum", None))
+  else:
+    raise ValueError(f"config.optimizer.name={name!r}: expected 'adamw', 'adam' or 'sgd'")
+  parts = []
+  if cfg.get("grad_clip", 0.0):
+    parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+  parts.append(opt)
+  tx = optax.chain(*parts)
+  accum = int(cfg.get("grad_accum", 1))
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  return tx, sched
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
+                        replicated: Any) -> tuple[Any, Any]:
+  """(abstract opt state, shardings): param-shaped leaves follow their param's sharding, others replicated."""
+  abstract = jax.eval_shape(tx.init, abstract_params)
+  shardings = optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
+                                    transform_non_params=lambda _: replicated)
+  return abstract, shardings

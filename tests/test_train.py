@@ -1,0 +1,61 @@
+"""Optimiser (schedule, decay mask, clipping, accumulation) and EMA."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import common
+from t2i.train import ema
+from t2i.train import optimizer as opt_lib
+
+
+def test_schedule_warmup_then_cosine():
+  cfg = common.optimizer_config(lr=1.0, warmup_steps=10, schedule="cosine")
+  sched = opt_lib.lr_schedule(cfg, total_steps=110)
+  np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(60), sched(110)], [0, 0.5, 1.0, 0.5, 0.0],
+                             atol=1e-6)
+  const = opt_lib.lr_schedule(common.optimizer_config(lr=2.0, schedule="constant"), 100)
+  assert float(const(0)) == float(const(99)) == 2.0
+  with pytest.raises(ValueError, match="optimizer.schedule='linear'"):
+    opt_lib.lr_schedule(common.optimizer_config(schedule="linear"), 10)
+
+
+def test_weight_decay_mask_skips_vectors():
+  cfg = common.optimizer_config(lr=1.0, weight_decay=0.5, schedule="constant", grad_clip=0.0)
+  tx, _ = opt_lib.make_optimizer(cfg, 10)
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates["kernel"], -0.5)   # decay only: -lr * wd * p
+  np.testing.assert_allclose(updates["bias"], 0.0)
+
+
+def test_clipping_and_accumulation():
+  cfg = common.optimizer_config(lr=0.1, schedule="constant", weight_decay=0.0, grad_clip=1.0, grad_accum=2)
+  cfg.name = "sgd"
+  tx, _ = opt_lib.make_optimizer(cfg, 10)
+  p = {"w": jnp.zeros((4,))}
+  s = tx.init(p)
+  u1, s = tx.update({"w": jnp.full((4,), 10.0)}, s, p)
+  np.testing.assert_allclose(u1["w"], 0.0)               # first micro-step: no update yet
+  u2, s = tx.update({"w": jnp.full((4,), 30.0)}, s, p)
+  # mean grad 20 per entry -> norm 40 -> clipped to norm 1 -> each entry 0.5 -> sgd step -0.05.
+  np.testing.assert_allclose(u2["w"], -0.05, rtol=1e-6)
+
+
+def test_ema_updates_every_n():
+  cfg = ml_collections.ConfigDict(dict(decay=0.5, every=2, warmup=False))
+  e = {"w": jnp.zeros(())}
+  p = {"w": jnp.ones(())}
+  e1 = ema.update(e, p, jnp.int32(1), cfg)
+  assert float(e1["w"]) == 0.0                            # step 1: not an update step
+  e2 = ema.update(e1, p, jnp.int32(2), cfg)
+  assert float(e2["w"]) == 0.5
+  e4 = ema.update(e2, p, jnp.int32(4), cfg)
+  assert float(e4["w"]) == 0.75
+  assert ema.update(None, p, jnp.int32(2), cfg) is None
+  assert not ema.enabled(ml_collections.ConfigDict(dict(decay=0.0)))
+  warm = ml_collections.ConfigDict(dict(decay=0.999, every=1, warmup=True))
+  assert float(ema.update(e, p, jnp.int32(1), warm)["w"]) == pytest.approx(1 - 2 / 11)
+

@@ -1,0 +1,49 @@
+"""config.<model>.checkpoint: modules and initial params come from diffusers / transformers folders."""
+import numpy as np
+import pytest
+
+from experiments import common, sd_shapes
+from t2i import parallel
+from t2i.train import models as models_lib
+from t2i.train import optimizer as opt_lib
+from t2i.train import step as step_lib
+
+
+def test_init_from_pretrained_folders(tmp_path):
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=3, out_channels=3, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+      cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+  unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+      max_position_embeddings=8, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+  clip.save_pretrained(tmp_path / "clip", safe_serialization=True)
+
+  cfg = sd_shapes.get_config("smoke")
+  cfg.image_size = 8
+  cfg.mesh = common.mesh_config(data=2, fsdp=2, tensor=2)
+  cfg.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", checkpoint=str(tmp_path / "unet"))
+  cfg.text_encoder = common.module_config("t2i.models.text.CLIPTextModel", checkpoint=str(tmp_path / "clip"),
+                                          trainable=True)
+  tok = models_lib.setup_tokenizer(cfg, str(tmp_path / "work"))
+  models = models_lib.build_models(cfg, tok)
+  assert models.unet.block_out_channels == (8, 16) and models.text_encoders["text_encoder"].hidden_size == 16
+  mesh = parallel.make_mesh(cfg.mesh)
+  tx, _ = opt_lib.make_optimizer(cfg.optimizer, 10)
+  _, shards, _, f_shards = step_lib.abstract_state(models, tx, mesh, cfg.axis_rules, True)
+  loaded = models_lib.pretrained_params(cfg)
+  state, _ = step_lib.init_state(models, tx, mesh, cfg.axis_rules, 0, shards, f_shards, loaded)
+  np.testing.assert_array_equal(np.asarray(state.params["unet"]["conv_in"]["conv"]["kernel"]),
+                                unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(np.asarray(state.ema_params["text_encoder"]["token_embedding"]["embedding"]),
+                                next(v for k, v in clip.state_dict().items()
+                                     if k.endswith("token_embedding.weight")).numpy())
+  with pytest.raises(ValueError, match="no loader for t2i.train.toy.ToyUNet"):
+    bad = sd_shapes.get_config("smoke").unet
+    bad.checkpoint = str(tmp_path / "unet")
+    models_lib.build_module(bad, "unet")

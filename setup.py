@@ -28,6 +28,6 @@ setup(
     ],
     extras_require={
         # PyTorch references for parity tests and benchmarks only.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "scipy", "sentencepiece", "protobuf"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "scipy", "sentencepiece", "protobuf"],
     },
 )

@@ -1,18 +1,16 @@
-"""Shapes demo: a tiny U-Net and a tiny CLIP text encoder trained jointly from scratch on shapes-bench, 32 px,
-pixel space (no VAE).
+"""Shapes demo: a small U-Net and a small CLIP text encoder trained jointly from scratch on shapes-bench, 32 px.
 
-Run (`:long` trains 4x longer):
-  python -m launch.main --config=experiments/sd_shapes.py --workdir=/tmp/sd_shapes
-  python -m t2i.sample --workdir=/tmp/sd_shapes --prompt="a red circle" --num=8 --out=/tmp/sd_shapes/out
-Expected (target; the full run and its wall time are not measured yet, hyperparameters still to be tuned): the
-loss falls from ~1.0 towards ~0.1-0.2 (min-SNR-weighted epsilon MSE); the validation grids in workdir/samples/
-show the prompted colour and shape in most cells by the end. The shapes data is generated into data_dir on first
-use.
+The U-Net works on a parameter-free space-to-depth "latent" (4x4 pixel patches folded into 48 channels, an
+8x8 grid; `t2i.models.patch_ae`), which is what makes a CPU demo possible; `:latent` uses a KL-VAE instead.
+v-prediction on a cosine schedule, classifier-free guidance via 10 % condition dropout.
 
-Variants: `:long`; `:latent` (adds a tiny random-init frozen VAE and trains in its latent space; point
-config.vae.checkpoint at a diffusers AutoencoderKL folder for a real one); `:smoke` (stand-in toy models and toy
-data, a few steps: the tests use it to exercise the loop quickly); `:smoke_latent` (smoke + a tiny frozen VAE,
-a frozen text encoder and the latent/embedding cache).
+Run (what `make demo` does; about 12 minutes on 2 idle CPU cores):
+  python -m launch.main --config=experiments/sd_shapes.py --workdir=workdirs/sd_shapes
+  python -m t2i.sample --workdir=workdirs/sd_shapes --prompt="a large red circle" --num=8 --out=out
+  python -m t2i.evaluate --samples=out
+Expected: see docs/results.md for the measured shapes-bench scores of this config and of `:long`.
+Variants: `:long` (4x the steps); `:latent` (tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent`
+(stand-in toy models and toy data, a few steps; used by the tests to exercise the loop quickly).
 """
 from __future__ import annotations
 
@@ -21,19 +19,20 @@ import ml_collections
 from experiments import common
 
 
-def tiny_unet(in_channels: int = 3, size: int = 32) -> ml_collections.ConfigDict:
+def tiny_unet(in_channels: int = 48, size: int = 8, channels: tuple[int, ...] = (64, 128)) -> ml_collections.ConfigDict:
+  n = len(channels)
   return common.module_config("t2i.models.unet.UNet2DConditionModel", dict(
       sample_size=size, in_channels=in_channels, out_channels=in_channels,
-      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-      block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
-      norm_num_groups=8))
+      down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+      block_out_channels=channels, layers_per_block=1, cross_attention_dim=128, attention_head_dim=16,
+      norm_num_groups=16))
 
 
 def tiny_clip(max_length: int) -> ml_collections.ConfigDict:
   return common.module_config("t2i.models.text.CLIPTextModel", dict(
       vocab_size=-1, eos_token_id=-1,  # -1: from the tokenizer
-      hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+      hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
       max_position_embeddings=max_length, hidden_act="quick_gelu"), trainable=True)
 
 
@@ -42,22 +41,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = common.base_config()
   c.image_size = 32
   c.batch_size = 32
-  c.total_steps = 4000
+  c.total_steps = 1500
   c.ckpt_every = 500
   c.sample_every = 500
   c.log_every = 10
-  c.optimizer = common.optimizer_config(lr=3e-4, warmup_steps=200, schedule="cosine", weight_decay=1e-2,
+  c.optimizer = common.optimizer_config(lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=1e-2,
                                         grad_clip=1.0)
-  c.ema = ml_collections.ConfigDict(dict(decay=0.999, every=1, warmup=True))
+  c.optimizer.min_lr_ratio = 0.1
+  c.ema = ml_collections.ConfigDict(dict(decay=0.995, every=1, warmup=True))
   c.diffusion.schedule = dict(kind="cosine", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                               rescale_zero_terminal_snr=False)
-  c.diffusion.prediction_type = "epsilon"
-  c.diffusion.snr_gamma = 5.0
+  c.diffusion.prediction_type = "v_prediction"
+  c.diffusion.snr_gamma = 0.0  # off
   c.diffusion.cond_dropout = 0.1
   c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=16, vocab_size=0))
   c.unet = tiny_unet()
   c.text_encoder = tiny_clip(c.tokenizer.max_length)
-  c.vae = None
+  c.vae = common.module_config("t2i.models.patch_ae.SpaceToDepth", dict(factor=4))
   # name: "shapes" (generated + built into data_dir on first use), "tfds" (any built dataset), "toy".
   c.data = ml_collections.ConfigDict(dict(name="shapes", data_dir="~/t2i_data", shapes_split="train",
                                           shapes_num=10000, caption_dropout=0.0, flip=False, worker_count=0))
@@ -67,15 +67,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                "a purple triangle"],  # the last binds a held-out pair
       num_steps=25, guidance_scale=4.0, sampler="ddim", seed=0))
   if variant == "long":
-    c.total_steps = 16000
-    c.optimizer.lr = 2e-4
+    c.total_steps = 6000
   elif variant == "latent":
     c.vae = common.module_config("t2i.models.vae.AutoencoderKL", dict(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
         latent_channels=4, norm_num_groups=8, scaling_factor=1.0), checkpoint=None)
-    c.unet = tiny_unet(in_channels=4, size=16)
+    c.unet = tiny_unet(in_channels=4, size=16, channels=(32, 64, 64))
   elif variant in ("smoke", "smoke_latent"):
+    c.vae = None
     c.image_size = 16
     c.batch_size = 8
     c.total_steps = 6

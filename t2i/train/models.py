@@ -257,7 +257,8 @@ def init_fns(models: T2IModels) -> dict[str, Callable[[jax.Array], Any]]:
   fns["unet"] = unet_init
   if models.vae is not None:
     size = models.image_size
-    fns["vae"] = lambda rng: models.vae.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+    # .get: a parameter-free stand-in (t2i.models.patch_ae.SpaceToDepth) has no "params" collection.
+    fns["vae"] = lambda rng: models.vae.init(rng, jnp.zeros((1, size, size, 3), jnp.float32)).get("params", {})
   return fns
 
 

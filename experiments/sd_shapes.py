@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder = tiny_clip(c.tokenizer.max_length)
   c.vae = common.module_config("t2i.models.patch_ae.SpaceToDepth", dict(factor=4))
   # name: "shapes" (generated + built into data_dir on first use), "tfds" (any built dataset), "toy".
-  c.data = ml_collections.ConfigDict(dict(name="shapes", data_dir="~/t2i_data", shapes_split="train",
+  c.data = ml_collections.ConfigDict(dict(name="shapes", dataset="", data_dir="~/t2i_data", shapes_split="train",
                                           shapes_num=10000, caption_dropout=0.0, flip=False, worker_count=0))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=["a red circle", "a blue square", "a yellow triangle", "a large green circle",

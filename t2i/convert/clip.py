@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i.convert.common import CheckpointError, TensorReader, read_config, read_safetensors
+from t2i.convert.common import CheckpointError, TensorReader, check_param_tree, read_config, read_safetensors
 from t2i.models.text import CLIPTextModel
 
 _FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -54,16 +54,9 @@ def clip_params_from_torch(model: CLIPTextModel, r: TensorReader, prefix: str) -
   return params
 
 
-def _check_tree(model: CLIPTextModel, params: dict[str, Any], source: str) -> None:
+def _check_tree(model: Any, params: dict[str, Any], source: str) -> None:
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  want = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-  is_box = lambda v: hasattr(v, "value") and hasattr(v, "names")
-  flat = lambda t: {jax.tree_util.keystr(k): tuple(getattr(v, "value", v).shape)
-                    for k, v in jax.tree_util.tree_flatten_with_path(t, is_leaf=is_box)[0]}
-  want, got = flat(want), flat(params)
-  if want != got:
-    diff = sorted(set(want.items()) ^ set(got.items()))[:5]
-    raise CheckpointError(f"{source}: converted params differ from the module (name, shape), e.g. {diff}")
+  check_param_tree(jax.eval_shape(model.init, jax.random.key(0), ids)["params"], params, source)
 
 
 def load_transformers_clip_text(folder: str | pathlib.Path, dtype: Any = jnp.float32,

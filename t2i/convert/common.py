@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -90,3 +90,28 @@ class TensorReader:
 
 def load_folder(folder: str | pathlib.Path) -> tuple[dict[str, Any], TensorReader]:
   return read_config(folder), TensorReader(read_safetensors(folder), str(folder))
+
+
+def check_param_tree(abstract: Any, params: dict[str, Any], source: str) -> None:
+  """Raises CheckpointError unless `params` has exactly the (name, shape) leaves of `abstract` (boxed or not)."""
+  import jax
+
+  is_box = lambda v: hasattr(v, "value") and hasattr(v, "names")
+  flat = lambda t: {jax.tree_util.keystr(k): tuple(getattr(v, "value", v).shape)
+                    for k, v in jax.tree_util.tree_flatten_with_path(t, is_leaf=is_box)[0]}
+  want, got = flat(abstract), flat(params)
+  if want != got:
+    diff = sorted(set(want.items()) ^ set(got.items()))[:5]
+    raise CheckpointError(f"{source}: converted params differ from the module (name, shape), e.g. {diff}")
+
+
+def params_from_reader(abstract: Any, reader: TensorReader,
+                       take: Callable[[TensorReader, tuple[str, ...], tuple[int, ...]], np.ndarray]) -> dict:
+  """Fills every leaf path of the (unboxed) `abstract` params tree with `take(reader, path, shape)`, then checks
+  that the reader has no tensor left over."""
+  import flax
+
+  flat = flax.traverse_util.flatten_dict(abstract)
+  params = {path: take(reader, path, leaf.shape) for path, leaf in flat.items()}
+  reader.check_consumed()
+  return flax.traverse_util.unflatten_dict(params)

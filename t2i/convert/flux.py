@@ -12,12 +12,11 @@ import pathlib
 import re
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import numpy as np
 
-from t2i.convert.common import CheckpointError, TensorReader, load_folder
+from t2i.convert.common import CheckpointError, TensorReader, load_folder, params_from_reader
 from t2i.models.mmdit import FluxTransformer, dummy_inputs
 
 _INDEXED = re.compile(r"^(transformer_blocks|single_transformer_blocks)_(\d+)$")
@@ -79,10 +78,7 @@ def abstract_params(module: FluxTransformer) -> Any:
 
 def convert_flux_state(module: FluxTransformer, reader: TensorReader) -> dict[str, Any]:
   """Builds the params tree of `module` from diffusers tensors; every tensor must be consumed."""
-  flat = flax.traverse_util.flatten_dict(abstract_params(module))
-  params = {path: _take(reader, path, leaf.shape) for path, leaf in flat.items()}
-  reader.check_consumed()
-  return flax.traverse_util.unflatten_dict(params)
+  return params_from_reader(abstract_params(module), reader, _take)
 
 
 def load_diffusers_flux(folder: str | pathlib.Path, **module_overrides) -> tuple[FluxTransformer, dict]:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i.convert.common import CheckpointError, TensorReader, read_config, read_safetensors
+from t2i.convert.common import CheckpointError, TensorReader, check_param_tree, read_config, read_safetensors
 from t2i.models.t5 import T5Encoder, parse_feed_forward_proj
 
 _FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
@@ -78,16 +78,9 @@ def t5_params_from_torch(model: T5Encoder, r: TensorReader) -> dict[str, Any]:
   return params
 
 
-def _check_tree(model: T5Encoder, params: dict[str, Any], source: str) -> None:
+def _check_tree(model: Any, params: dict[str, Any], source: str) -> None:
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  want = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-  is_box = lambda v: hasattr(v, "value") and hasattr(v, "names")
-  flat = lambda t: {jax.tree_util.keystr(k): tuple(getattr(v, "value", v).shape)
-                    for k, v in jax.tree_util.tree_flatten_with_path(t, is_leaf=is_box)[0]}
-  want, got = flat(want), flat(params)
-  if want != got:
-    diff = sorted(set(want.items()) ^ set(got.items()))[:5]
-    raise CheckpointError(f"{source}: converted params differ from the module (name, shape), e.g. {diff}")
+  check_param_tree(jax.eval_shape(model.init, jax.random.key(0), ids)["params"], params, source)
 
 
 def load_transformers_t5_encoder(folder: str | pathlib.Path, dtype: Any = jnp.float32,

@@ -5,12 +5,11 @@ import pathlib
 import re
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import numpy as np
 
-from t2i.convert.common import CheckpointError, TensorReader, load_folder
+from t2i.convert.common import CheckpointError, TensorReader, load_folder, params_from_reader
 from t2i.models.unet import UNet2DConditionModel, dummy_inputs
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)$")
@@ -71,10 +70,7 @@ def abstract_params(module: UNet2DConditionModel) -> Any:
 
 def convert_unet_state(module: UNet2DConditionModel, reader: TensorReader) -> dict[str, Any]:
   """Builds the params tree of `module` from diffusers tensors; every tensor must be consumed."""
-  flat = flax.traverse_util.flatten_dict(abstract_params(module))
-  params = {path: _take(reader, path, leaf.shape) for path, leaf in flat.items()}
-  reader.check_consumed()
-  return flax.traverse_util.unflatten_dict(params)
+  return params_from_reader(abstract_params(module), reader, _take)
 
 
 def load_diffusers_unet(folder: str | pathlib.Path, **module_overrides) -> tuple[UNet2DConditionModel, dict]:

@@ -37,7 +37,7 @@ import numpy as np
 
 from t2i.nn.attention import attention_weights, dot_product_attention
 from t2i.nn.embeddings import TimestepMLP
-from t2i.nn.layers import Dense, constrain
+from t2i.nn.layers import Dense, RMSNorm, constrain
 from t2i.nn.rope import apply_rope, rope_frequencies
 
 Dtype = Any
@@ -77,21 +77,6 @@ def time_sinusoid(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> 
 
 def _gelu_tanh(x: jax.Array) -> jax.Array:
   return nn.gelu(x, approximate=True)
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm over the last axis with a learnable scale (statistics in float32)."""
-  epsilon: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
-                       self.param_dtype)
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.epsilon)
-    return (xf * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 class Modulation(nn.Module):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i.nn.layers import Dense, constrain
+from t2i.nn.layers import Dense, RMSNorm, constrain
 
 Dtype = Any
 TOKEN_AXES = ("batch", "length", "embed")
@@ -68,21 +68,6 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
               / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact))
   large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)
   return (out + np.where(n < max_exact, n, large)).astype(np.int32)
-
-
-class RMSNorm(nn.Module):
-  """T5LayerNorm: x / sqrt(mean(x^2) + eps) * scale (no mean subtraction, no bias), statistics in float32."""
-  epsilon: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
-                       self.param_dtype)
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
-    return (xf * scale.astype(jnp.float32)).astype(self.dtype)
 
 
 class T5Attention(nn.Module):

@@ -126,3 +126,18 @@ class LayerNorm(nn.Module):
       xf = xf + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,),
                            self.param_dtype).astype(jnp.float32)
     return xf.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x^2) + eps) * scale over the last axis (no mean, no bias; T5LayerNorm, FLUX QK-norm)."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       self.param_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.epsilon)
+    return (xf * scale.astype(jnp.float32)).astype(self.dtype)

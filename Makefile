@@ -30,7 +30,7 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(PY) -m launch.main --config=$(CONFIG) --workdir=$(WORKDIR) --config.data.data_dir=$(DATA_DIR)
 	$(PY) -m data_pipelines.shapes.prompts --num_per_family=$(DEMO_PROMPTS_PER_FAMILY) --seed=1234 \
-	  --size=$$($(PY) -c "import json;print(json.load(open('$(WORKDIR)/config.json'))['data']['image_size'])") \
+	  --size=$$($(PY) -c "import json;print(json.load(open('$(WORKDIR)/config.json'))['image_size'])") \
 	  --out=$(WORKDIR)/eval_prompts.txt
 	$(PY) -m t2i.sample --workdir=$(WORKDIR) --prompts_file=$(WORKDIR)/eval_prompts.txt --out=$(WORKDIR)/eval_samples
 	$(PY) -m t2i.evaluate --samples=$(WORKDIR)/eval_samples | tee $(WORKDIR)/eval_scores.json

@@ -73,3 +73,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(prompts=["a red circle"], num_steps=25, guidance_scale=4.0,
                                             sampler="ddim", seed=0))
   return c
+
+
+def real_hardware_schedule(c: ml_collections.ConfigDict) -> None:
+  """Steps, logging/checkpoint cadence, FSDP mesh, optimiser and EMA shared by the real-size experiments."""
+  c.total_steps = 100_000
+  c.log_every = 50
+  c.ckpt_every = 2000
+  c.sample_every = 2000
+  c.mesh = mesh_config(data=1, fsdp=-1, tensor=1)
+  c.optimizer = optimizer_config(lr=1e-5, warmup_steps=500, schedule="constant", weight_decay=1e-2, grad_clip=1.0)
+  c.ema = ml_collections.ConfigDict(dict(decay=0.9999, every=1, warmup=True))

@@ -23,14 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = common.base_config()
   c.image_size = 512
   c.batch_size = 256
-  c.total_steps = 100_000
-  c.log_every = 50
-  c.ckpt_every = 2000
-  c.sample_every = 2000
-  c.mesh = common.mesh_config(data=1, fsdp=-1, tensor=1)
-  c.optimizer = common.optimizer_config(lr=1e-5, warmup_steps=500, schedule="constant", weight_decay=1e-2,
-                                        grad_clip=1.0)
-  c.ema = ml_collections.ConfigDict(dict(decay=0.9999, every=1, warmup=True))
+  common.real_hardware_schedule(c)
   c.tokenizer = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=77, vocab_size=0))
   c.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", preset="sd15", dtype="bfloat16",
                                 param_dtype="float32", remat=True)

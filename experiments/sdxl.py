@@ -41,14 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = common.base_config()
   c.image_size = 1024
   c.batch_size = 64
-  c.total_steps = 100_000
-  c.log_every = 50
-  c.ckpt_every = 2000
-  c.sample_every = 2000
-  c.mesh = common.mesh_config(data=1, fsdp=-1, tensor=1)
-  c.optimizer = common.optimizer_config(lr=1e-5, warmup_steps=500, schedule="constant", weight_decay=1e-2,
-                                        grad_clip=1.0)
-  c.ema = ml_collections.ConfigDict(dict(decay=0.9999, every=1, warmup=True))
+  common.real_hardware_schedule(c)
   c.diffusion.schedule = dict(kind="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               rescale_zero_terminal_snr=False)
   c.diffusion.snr_gamma = 5.0

@@ -36,7 +36,12 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Dense(
+    # Leading dims are flattened into one: the weight gradient is then a plain 2-D matmul. With [B, L, d] inputs
+    # XLA:CPU inserted transposing copies into the backward pass (benchmarks/flux_step.py: step -25 %).
+    lead = x.shape[:-1]
+    if len(lead) > 1:
+      x = x.reshape(-1, x.shape[-1])
+    y = nn.Dense(
         self.features,
         use_bias=self.use_bias,
         dtype=self.dtype,
@@ -46,6 +51,7 @@ class Dense(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
         name="dense",
     )(x)
+    return y.reshape(lead + (self.features,)) if len(lead) > 1 else y
 
 
 class Conv(nn.Module):

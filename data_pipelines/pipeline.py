@@ -13,6 +13,8 @@ can save/restore the iterator with orbax.
 from __future__ import annotations
 
 import collections
+import functools
+import importlib
 import math
 import os
 import pathlib
@@ -48,6 +50,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       "max_length": 77,  # expected token length of tokenizer_fn's output (checked); 0 disables the check
       "image_key": "image",
       "caption_key": "caption",
+      # Preference pairs (Pick-a-Pic layout: caption, jpg_0, jpg_1, label_0): batches get "image" = the preferred
+      # image and "image_l" = the other, cropped alike; ties / undecided labels are skipped and counted ("tie").
+      "pair": False,
+      # Data curation hook: "module.function" (image uint8 [h, w, 3], caption) -> score; samples scoring below
+      # quality_min are skipped and counted ("quality"), e.g. "data_pipelines.shapes.scoring.sharpness_score".
+      "quality_filter": "",
+      "quality_min": 0.0,
   })
 
 
@@ -105,28 +114,50 @@ def resize_crop(img: np.ndarray, out_hw: tuple[int, int], offset: tuple[float, f
   return img[top:top + oh, left:left + ow]
 
 
+@functools.lru_cache(maxsize=None)
+def _quality_fn(path: str) -> Callable[[np.ndarray, str], float]:
+  mod, _, name = path.rpartition(".")
+  try:
+    return getattr(importlib.import_module(mod), name)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise ValueError(f"config.data.quality_filter={path!r}: cannot import ({e})") from e
+
+
 def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collections.ConfigDict,
              buckets: list[tuple[int, int]]) -> dict[str, Any]:
   """One raw record -> {"pos", "bucket", "image" uint8 [h, w, 3], "caption"} or {"pos", "skip": reason}."""
   rng = np.random.default_rng([cfg.seed, global_pos])
   u_drop, u_flip, u_top, u_left = rng.random(4)
+  keys = (cfg.image_key,)
+  if cfg.pair:
+    from data_pipelines import preference  # pylint: disable=g-import-not-at-top
+    if not preference.is_decided(record):
+      return {"pos": pos, "skip": "tie"}
+    record, keys = preference.winner_first(record), ("jpg_w", "jpg_l")
   try:
-    img = image_decode.decode_rgb(record[cfg.image_key])
+    imgs = [image_decode.decode_rgb(record[k]) for k in keys]
   except image_decode.SkipSample as e:
     return {"pos": pos, "skip": e.reason}
   except KeyError as e:
-    raise KeyError(f"dataset {cfg.dataset!r}: record has no field {cfg.image_key!r} "
-                   f"(config.image_key); fields: {sorted(record)}") from e
-  bucket = choose_bucket(img.shape[0], img.shape[1], buckets)
-  offset = (u_top, u_left) if cfg.random_crop else (0.5, 0.5)
-  img = resize_crop(img, buckets[bucket], offset)
-  if cfg.flip and u_flip < 0.5:
-    img = img[:, ::-1]
-  caption = record.get(cfg.caption_key, b"")
+    raise KeyError(f"dataset {cfg.dataset!r}: record has no field {e} (config.image_key / pair); "
+                   f"fields: {sorted(record)}") from e
+  caption = record.get(cfg.caption_key if not cfg.pair else "caption", b"")
   caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
+  if cfg.quality_filter:
+    q = _quality_fn(cfg.quality_filter)(imgs[0], caption)
+    if q < cfg.quality_min:
+      return {"pos": pos, "skip": f"quality: {q:.3g} < {cfg.quality_min}"}
+  bucket = choose_bucket(imgs[0].shape[0], imgs[0].shape[1], buckets)
+  offset = (u_top, u_left) if cfg.random_crop else (0.5, 0.5)
+  imgs = [resize_crop(img, buckets[bucket], offset) for img in imgs]
+  if cfg.flip and u_flip < 0.5:
+    imgs = [img[:, ::-1] for img in imgs]
   if u_drop < cfg.caption_dropout:
     caption = ""
-  return {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(img), "caption": caption}
+  out = {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(imgs[0]), "caption": caption}
+  if cfg.pair:
+    out["image_l"] = np.ascontiguousarray(imgs[1])
+  return out
 
 
 # -------------------------------------------------------------------------------------------- iterators
@@ -153,8 +184,11 @@ class _BucketBatchIterator(grain.DatasetIterator):
       buf.append(el)
       if len(buf) == self._batch_size:
         del self._buffers[el["bucket"]]
-        return {"image": np.stack([e["image"] for e in buf]), "caption": [e["caption"] for e in buf],
-                "pos": np.array([e["pos"] for e in buf], np.int64)}
+        out = {"image": np.stack([e["image"] for e in buf]), "caption": [e["caption"] for e in buf],
+               "pos": np.array([e["pos"] for e in buf], np.int64)}
+        if "image_l" in el:
+          out["image_l"] = np.stack([e["image_l"] for e in buf])
+        return out
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._parent.get_state(), "skip_counts": dict(self.skip_counts),
@@ -198,8 +232,10 @@ class TrainIterator(grain.DatasetIterator):
       raise ValueError(f"tokenizer_fn must return [n={n}, L] token ids, got shape {ids.shape}")
     if self._max_length and ids.shape[1] != self._max_length:
       raise ValueError(f"tokenizer_fn returned length {ids.shape[1]} but config.max_length={self._max_length}")
-    batch = {"image": b["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0),
-             "input_ids": ids.astype(np.int32)}
+    to_float = lambda x: x.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    batch = {"image": to_float(b["image"]), "input_ids": ids.astype(np.int32)}
+    if "image_l" in b:
+      batch["image_l"] = to_float(b["image_l"])
     self.last_host_batch = {"caption": b["caption"], "pos": b["pos"]}
     if self._sharding is not None:
       batch = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}

@@ -19,10 +19,10 @@ def test_latent_cache_run_and_resume(tmp_path, tmp_path_factory):
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   done = json.load(open(tmp_path / "cache" / "done.json"))
-  assert done == {"num_batches": 2, "keys": ["encoder_hidden_states", "input_ids", "latent_logvar",
+  assert done == {"num_batches": 2, "keys": ["cond.encoder_hidden_states", "input_ids", "latent_logvar",
                                              "latent_mean"]}
   z = np.load(tmp_path / "cache" / "000000.npz")
-  assert z["latent_mean"].shape == (8, 8, 8, 4) and z["encoder_hidden_states"].shape == (8, 8, 16)
+  assert z["latent_mean"].shape == (8, 8, 8, 4) and z["cond.encoder_hidden_states"].shape == (8, 8, 16)
   lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in lines] == [1, 2, 3, 4, 5] and all(np.isfinite(r["loss"]) for r in lines)
   assert os.path.exists(tmp_path / "samples" / "step_000005.png")

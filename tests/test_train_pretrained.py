@@ -32,7 +32,7 @@ def test_init_from_pretrained_folders(tmp_path):
                                           trainable=True)
   tok = models_lib.setup_tokenizer(cfg, str(tmp_path / "work"))
   models = models_lib.build_models(cfg, tok)
-  assert models.unet.block_out_channels == (8, 16) and models.text_encoders["text_encoder"].hidden_size == 16
+  assert models.denoiser.block_out_channels == (8, 16) and models.text_encoders["text_encoder"].hidden_size == 16
   mesh = parallel.make_mesh(cfg.mesh)
   tx, _ = opt_lib.make_optimizer(cfg.optimizer, 10)
   _, shards, _, f_shards = step_lib.abstract_state(models, tx, mesh, cfg.axis_rules, True)

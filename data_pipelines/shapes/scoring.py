@@ -34,6 +34,12 @@ def sharpness(image: np.ndarray) -> float:
   return float(lap.var())
 
 
+def sharpness_score(image: np.ndarray, caption: str = "") -> float:
+  """Quality-filter hook for `config.data.quality_filter`: `sharpness` of the image (the caption is unused)."""
+  del caption
+  return sharpness(image)
+
+
 def _background(img: np.ndarray) -> np.ndarray:
   border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]], axis=0)
   bg = np.median(border, axis=0)

@@ -29,11 +29,8 @@ def encode_batch(models: T2IModels, frozen: dict, batch: dict) -> dict:
                                                                 method="encode")
   else:
     out["image"] = batch["image"]
-  if text_frozen(models):
-    cond = models.cond(frozen, batch["input_ids"])
-    out["encoder_hidden_states"] = cond["encoder_hidden_states"]
-    if "text_embeds" in cond:
-      out["text_embeds"] = cond["text_embeds"]
+  if text_frozen(models):  # the denoiser's whole conditioning dict, as "cond.<key>"
+    out.update({f"cond.{k}": v for k, v in models.cond(frozen, batch["input_ids"]).items()})
   return out
 
 

@@ -21,6 +21,7 @@ from t2i import parallel
 from t2i.train import cache as cache_lib
 from t2i.train import checkpoint as ckpt_lib
 from t2i.train import ema as ema_lib
+from t2i.train import init_from
 from t2i.train import logging as log_lib
 from t2i.train import models as models_lib
 from t2i.train import objectives
@@ -47,7 +48,7 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
   if config.data.name == "toy":
     from t2i.train.toy import ToyDataIterator
     return ToyDataIterator(tokenize, config.batch_size, config.image_size, seed=config.seed,
-                           nan_batch=int(config.data.get("nan_batch", -1)))
+                           nan_batch=int(config.data.get("nan_batch", -1)), pair=bool(config.data.get("pair", False)))
   from data_pipelines import pipeline
   cfg = config.data.to_dict()
   kind = cfg.pop("name")
@@ -61,8 +62,22 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
     else:
       from data_pipelines.tfds import shapes_bench
       cfg["dataset"] = "shapes_bench/" + shapes_bench.shapes_config(split, num, int(config.image_size)).name
+  elif kind == "shapes_pairs":  # shapes-bench preference pairs (Pick-a-Pic layout), built once
+    from data_pipelines.tfds import common, preference_pairs as pp
+    pc = pp.shapes_pairs_config(int(cfg.pop("shapes_num", 2000)), int(config.image_size), int(cfg.pop("shapes_seed", 0)))
+    if jax.process_index() == 0:
+      common.prepare(pp.PreferencePairs(config=pc, data_dir=cfg["data_dir"], file_format=common.FILE_FORMAT))
+    cfg["dataset"], cfg["pair"] = f"preference_pairs/{pc.name}", True
+  elif kind == "spin":  # (real, opponent sample) pairs of a SPIN round, sampled once by the opponent run
+    from t2i.train import spin_data
+    opponent = config.reference.get("init_from") or config.init_from.workdir
+    split, num = cfg.pop("shapes_split", "train"), int(cfg.pop("shapes_num", 1000))
+    real = pipeline.prepare_shapes(cfg["data_dir"], split, None, size=int(config.image_size))
+    cfg["dataset"] = spin_data.build_round(opponent, cfg["data_dir"], real, num, int(config.image_size),
+                                           seed=int(cfg.pop("round_seed", config.seed)))
+    cfg["pair"] = True
   elif kind != "tfds":
-    raise ValueError(f"config.data.name={kind!r}: expected 'toy', 'shapes' or 'tfds'")
+    raise ValueError(f"config.data.name={kind!r}: expected 'toy', 'shapes', 'shapes_pairs', 'spin' or 'tfds'")
   return pipeline.make_train_iterator(ml_collections.ConfigDict(cfg), tokenize, int(config.batch_size),
                                       mesh=mesh, seed=int(config.seed))
 
@@ -126,7 +141,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- update step (AOT-compiled)
   update = step_lib.make_update(models, objective.loss, tx, sched, config.get("ema"),
                                 int(config.optimizer.get("grad_accum", 1)))
-  plain_structs = step_lib.batch_structs(models, int(config.batch_size), mesh, rules)
+  plain_structs = step_lib.batch_structs(models, int(config.batch_size), mesh, rules, pair=objective.pair)
   use_cache = config.get("cache") is not None and bool(config.cache.get("enabled", False))
   b_structs = cache_lib.batch_structs(models, plain_structs, f_structs, mesh, rules) if use_cache else plain_structs
   t0 = time.perf_counter()
@@ -144,10 +159,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     state, frozen, data_state = restored
     logging.info("resumed from %s at step %d", mngr.directory, int(state.step))
   else:
+    pretrained = models_lib.pretrained_params(config)
+    pretrained.update(init_from.pretrained_from_runs(config, models, {**state_structs.params, **f_structs}))
     state, frozen = step_lib.init_state(models, tx, mesh, rules, int(config.seed), state_shards, f_shards,
-                                        models_lib.pretrained_params(config))
+                                        pretrained)
     data_state = None
-    logging.info("initialised from scratch")
+    logging.info("initialised %s", f"from {sorted(pretrained)} (rest fresh)" if pretrained else "from scratch")
 
   # ---------------------------------------------------------------- optional latent / embedding cache
   if use_cache:

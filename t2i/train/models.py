@@ -1,6 +1,12 @@
-"""Builds the text-to-image modules (U-Net, text encoder(s), optional VAE) and tokenizer from the config.
+"""Builds the text-to-image modules (denoiser, text encoder(s), optional VAE) and tokenizer from the config.
 
-config.unet / config.text_encoder / config.text_encoder_2 / config.vae each hold:
+The denoiser is `config.unet` (a U-Net, diffusion objectives) or `config.transformer` (a FLUX-style MMDiT, flow
+objectives); exactly one is set. An MMDiT takes its token context from `text_encoder_2` (T5) when present, else
+from `text_encoder`, and its pooled vector from `text_encoder` (CLIP), as FLUX does.
+`config.reference` (optional) adds a frozen copy of the denoiser, group "reference" (DPO / SPIN reference or
+opponent, guidance-distillation teacher); see `t2i.train.init_from`.
+
+config.unet / config.transformer / config.text_encoder / config.text_encoder_2 / config.vae each hold:
   module: dotted path of a flax module class ("t2i.models.unet.UNet2DConditionModel");
   preset: optional name in the module file's *_PRESETS dict; config: dict of (diffusers-style) fields that
   override the preset; dtype / param_dtype (strings); remat; checkpoint: optional diffusers / transformers
@@ -18,9 +24,19 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+DENOISERS = ("unet", "transformer")
+
+
+def denoiser_name(config: Any) -> str:
+  """"unet" or "transformer": the one denoiser entry the config sets."""
+  names = [n for n in DENOISERS if config.get(n) is not None]
+  if len(names) != 1:
+    raise ValueError(f"config: set exactly one of config.unet / config.transformer (set: {names or 'none'})")
+  return names[0]
 
 
 def import_object(path: str) -> Any:
@@ -90,7 +106,8 @@ def _set_dtypes(module: nn.Module, cfg: Any) -> nn.Module:
 
 
 # Pretrained folders (diffusers / transformers save_pretrained layout, safetensors only), by module class name.
-_CHECKPOINT_KINDS = {"UNet2DConditionModel": "unet", "CLIPTextModel": "clip", "AutoencoderKL": "vae"}
+_CHECKPOINT_KINDS = {"UNet2DConditionModel": "unet", "CLIPTextModel": "clip", "AutoencoderKL": "vae",
+                     "FluxTransformer": "flux", "T5Encoder": "t5"}
 
 
 def _checkpoint_kind(cfg: Any, name: str) -> str:
@@ -110,6 +127,12 @@ def module_from_checkpoint(cfg: Any, name: str) -> nn.Module:
   if kind == "unet":
     from t2i.models.unet import UNet2DConditionModel
     return UNet2DConditionModel.from_config(conf)
+  if kind == "flux":
+    from t2i.models.mmdit import FluxTransformer
+    return FluxTransformer.from_config(conf)
+  if kind == "t5":
+    from t2i.convert.t5 import t5_from_config
+    return t5_from_config(conf, source)
   if kind == "clip":
     from t2i.convert.clip import clip_text_from_config
     proj = "WithProjection" in " ".join(conf.get("architectures") or []) or \
@@ -125,6 +148,12 @@ def load_checkpoint_params(cfg: Any, name: str) -> Any:
   if kind == "unet":
     from t2i.convert.unet import load_diffusers_unet
     return load_diffusers_unet(cfg.checkpoint)[1]
+  if kind == "flux":
+    from t2i.convert.flux import load_diffusers_flux
+    return load_diffusers_flux(cfg.checkpoint)[1]
+  if kind == "t5":
+    from t2i.convert.t5 import load_transformers_t5_encoder
+    return load_transformers_t5_encoder(cfg.checkpoint)[1]
   if kind == "clip":
     from t2i.convert.clip import load_transformers_clip_text
     return load_transformers_clip_text(cfg.checkpoint)[1]
@@ -135,18 +164,24 @@ def load_checkpoint_params(cfg: Any, name: str) -> Any:
 @dataclasses.dataclass(frozen=True, eq=False)
 class T2IModels:
   """Modules and constants the objective needs; closed over by the jitted step (not a jit argument)."""
-  unet: nn.Module
+  denoiser: nn.Module             # U-Net (NHWC in/out) or FLUX-style MMDiT (packed tokens; see `denoise`)
   text_encoders: dict[str, nn.Module]
   vae: nn.Module | None
   trainable: tuple[str, ...]      # names of trainable param groups ("unet", "text_encoder", ...)
   image_size: int
   max_length: int
-  latent_shape: tuple[int, ...]   # per-example shape the U-Net denoises
+  latent_shape: tuple[int, ...]   # per-example NHWC shape the denoiser sees (before MMDiT packing)
   uncond_ids: np.ndarray          # int32 [L]: the empty prompt
-  schedule: Any
+  schedule: Any                   # diffusion noise schedule (None for flow objectives)
   config: Any                     # the full experiment config (loss options etc.)
+  denoiser_name: str = "unet"     # its param group: "unet" or "transformer"
+  reference: nn.Module | None = None  # frozen copy (group "reference"): DPO/SPIN reference, distillation teacher
   add_time_ids: bool = False
   hidden_layers: tuple[int, ...] = ()   # per text encoder: -1 = final (normed) output, -2 = penultimate, ...
+
+  @property
+  def is_mmdit(self) -> bool:
+    return hasattr(self.denoiser, "guidance_embeds")
 
   def encode_text(self, params: dict[str, Any], input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(encoder_hidden_states, pooled): hidden states of all encoders concatenated, pooled of the last."""
@@ -162,6 +197,13 @@ class T2IModels:
     return jnp.concatenate(hs, -1) if len(hs) > 1 else hs[0], pooled
 
   def cond(self, params: dict[str, Any], input_ids: jax.Array, time_ids: jax.Array | None = None) -> dict:
+    """The denoiser's conditioning dict for token ids [B, L]."""
+    if self.is_mmdit:
+      out = {n: te.apply({"params": params[n]}, input_ids) for n, te in self.text_encoders.items()}
+      context = out["text_encoder_2"] if "text_encoder_2" in out else out["text_encoder"]
+      context = context[0] if isinstance(context, tuple) else context
+      pooled = out["text_encoder"][1]
+      return {"encoder_hidden_states": context, "pooled_projections": pooled}
     ehs, pooled = self.encode_text(params, input_ids)
     return self.cond_from_embeddings(ehs, pooled, time_ids)
 
@@ -176,9 +218,29 @@ class T2IModels:
       out["time_ids"] = time_ids
     return out
 
-  def denoise(self, unet_params: Any, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
+  def denoise(self, params: Any, x: jax.Array, t: jax.Array, cond: dict, guidance: jax.Array | None = None,
+              module: nn.Module | None = None) -> jax.Array:
+    """Denoiser prediction for NHWC latents x [B, h, w, C] at t [B] (U-Net: integer timesteps; MMDiT: t in [0, 1]).
+
+    An MMDiT sees x packed into 2x2 tokens with FLUX's (0, row, column) image ids and all-zero text ids; its
+    output is unpacked back to NHWC. `guidance` [B] (default `cond["guidance"]`) feeds a guidance embedder and
+    is ignored by a module without one; `module` defaults to the denoiser
+    (pass `self.reference` to run the frozen copy).
+    """
+    module = module or self.denoiser
+    if guidance is None:
+      guidance = cond.get("guidance")
+    if self.is_mmdit:
+      from t2i.models import mmdit
+      b, h, w, _ = x.shape
+      out = module.apply(
+          {"params": params}, hidden_states=mmdit.pack_latents(x), encoder_hidden_states=cond["encoder_hidden_states"],
+          pooled_projections=cond["pooled_projections"], timestep=t, img_ids=mmdit.image_ids(h // 2, w // 2),
+          txt_ids=mmdit.text_ids(cond["encoder_hidden_states"].shape[1]),
+          guidance=guidance if module.guidance_embeds else None)
+      return mmdit.unpack_latents(out, h, w)
     kw = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-    return self.unet.apply({"params": unet_params}, x, t, cond["encoder_hidden_states"], **kw)
+    return module.apply({"params": params}, x, t, cond["encoder_hidden_states"], **kw)
 
   @property
   def latent_scale(self) -> tuple[float, float]:
@@ -207,7 +269,8 @@ class T2IModels:
 
 def build_models(config: Any, tokenize: Tokenizer) -> T2IModels:
   from t2i.objectives import diffusion
-  unet = build_module(config.unet, "unet")
+  name = denoiser_name(config)
+  denoiser = build_module(config[name], name)
   from_tok = {"vocab_size": tokenize.vocab_size, "eos_token_id": tokenize.eos_token_id}
   encoders = {n: build_module(config[n], n, from_tok)
               for n in TEXT_ENCODERS if config.get(n) is not None}
@@ -216,7 +279,13 @@ def build_models(config: Any, tokenize: Tokenizer) -> T2IModels:
   vae = None
   if config.get("vae") is not None:
     vae = build_module(config.vae, "vae")
-  trainable = ("unet",) + tuple(n for n in encoders if config[n].get("trainable", False))
+  reference = None
+  if config.get("reference") is not None:
+    ref_cfg = ml_collections.ConfigDict(config[name].to_dict())
+    ref_cfg.config.update(_to_dict(config.reference.get("config")))
+    ref_cfg.checkpoint = None
+    reference = build_module(ref_cfg, "reference")
+  trainable = (name,) + tuple(n for n in encoders if config[n].get("trainable", False))
   size = int(config.image_size)
   if vae is not None:
     z = jax.eval_shape(lambda x: vae.init_with_output(jax.random.PRNGKey(0), x, method="encode")[0][0],
@@ -224,12 +293,14 @@ def build_models(config: Any, tokenize: Tokenizer) -> T2IModels:
     latent_shape = tuple(z.shape[1:])
   else:
     latent_shape = (size, size, 3)
-  sched_cfg = _to_dict(config.diffusion.schedule)
+  schedule = None
+  if config.get("diffusion") is not None and not hasattr(denoiser, "guidance_embeds"):
+    schedule = diffusion.make_schedule(**_to_dict(config.diffusion.schedule))
   return T2IModels(
-      unet=unet, text_encoders=encoders, vae=vae, trainable=trainable, image_size=size,
+      denoiser=denoiser, text_encoders=encoders, vae=vae, trainable=trainable, image_size=size,
       max_length=int(config.tokenizer.max_length), latent_shape=latent_shape, uncond_ids=tokenize([""])[0],
-      schedule=diffusion.make_schedule(**sched_cfg), config=config,
-      add_time_ids=getattr(unet, "addition_embed_type", None) == "text_time",
+      schedule=schedule, config=config, denoiser_name=name, reference=reference,
+      add_time_ids=getattr(denoiser, "addition_embed_type", None) == "text_time",
       hidden_layers=tuple(int(config[n].get("hidden_layer", -1)) for n in encoders))
 
 
@@ -241,20 +312,18 @@ def init_fns(models: T2IModels) -> dict[str, Callable[[jax.Array], Any]]:
   for name, te in models.text_encoders.items():
     fns[name] = (lambda te: lambda rng: te.init(rng, ids)["params"])(te)
 
-  def unet_init(rng):
-    dummy = {n: jax.eval_shape(lambda t=t: models.text_encoders[n].init_with_output(
-        jax.random.PRNGKey(0), ids)[0]) for n, t in models.text_encoders.items()}
-    hs = [dummy[n][0] for n in models.text_encoders]
-    ehs = jnp.zeros((b, L, sum(h.shape[-1] for h in hs)), jnp.float32)
-    cond = {"encoder_hidden_states": ehs}
-    if models.add_time_ids:
-      pooled = dummy[list(models.text_encoders)[-1]][1]
-      cond["text_embeds"] = jnp.zeros((b,) + pooled.shape[1:], jnp.float32)
-      cond["time_ids"] = jnp.zeros((b, 6), jnp.float32)
-    kw = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-    x = jnp.zeros((b,) + models.latent_shape, jnp.float32)
-    return models.unet.init(rng, x, jnp.zeros((b,), jnp.int32), ehs, **kw)["params"]
-  fns["unet"] = unet_init
+  def denoiser_init(module):
+    def init(rng):
+      te_params = {n: nn.meta.unbox(jax.eval_shape(fns[n], jax.random.PRNGKey(0))) for n in models.text_encoders}
+      cond = jax.eval_shape(lambda p: models.cond(p, ids), te_params)
+      cond = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), cond)
+      x = jnp.zeros((b,) + models.latent_shape, jnp.float32)
+      t = jnp.zeros((b,), jnp.float32 if models.is_mmdit else jnp.int32)
+      return _init_denoiser(models, module, rng, x, t, cond, jnp.ones((b,), jnp.float32))
+    return init
+  fns[models.denoiser_name] = denoiser_init(models.denoiser)
+  if models.reference is not None:
+    fns["reference"] = denoiser_init(models.reference)
   if models.vae is not None:
     size = models.image_size
     # .get: a parameter-free stand-in (t2i.models.patch_ae.SpaceToDepth) has no "params" collection.
@@ -262,10 +331,25 @@ def init_fns(models: T2IModels) -> dict[str, Callable[[jax.Array], Any]]:
   return fns
 
 
+def _init_denoiser(models: T2IModels, module: nn.Module, rng: jax.Array, x: jax.Array, t: jax.Array, cond: dict,
+                   g: jax.Array) -> Any:
+  """Boxed params of `module` initialised on the inputs `models.denoise` would give it."""
+  if models.is_mmdit:
+    from t2i.models import mmdit
+    b, h, w, _ = x.shape
+    return module.init(rng, hidden_states=mmdit.pack_latents(x), encoder_hidden_states=cond["encoder_hidden_states"],
+                       pooled_projections=cond["pooled_projections"], timestep=t,
+                       img_ids=mmdit.image_ids(h // 2, w // 2),
+                       txt_ids=mmdit.text_ids(cond["encoder_hidden_states"].shape[1]),
+                       guidance=g if module.guidance_embeds else None)["params"]
+  kw = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+  return module.init(rng, x, t, cond["encoder_hidden_states"], **kw)["params"]
+
+
 def pretrained_params(config: Any) -> dict[str, Any]:
   """name -> params loaded from `config.<name>.checkpoint` (host arrays, unsharded), for every model with one."""
   out = {}
-  for name in ("unet",) + TEXT_ENCODERS + ("vae",):
+  for name in DENOISERS + TEXT_ENCODERS + ("vae",):
     cfg = config.get(name)
     if cfg is not None and cfg.get("checkpoint"):
       out[name] = load_checkpoint_params(cfg, name)

@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t2i import parallel
 from t2i.train import ema as ema_lib
 from t2i.train import objectives
+from t2i.train.init_from import PartialParams
 from t2i.train.models import T2IModels, init_fns
 from t2i.train.state import TrainState
 
@@ -54,17 +56,25 @@ def init_state(models: T2IModels, tx: optax.GradientTransformation, mesh: Mesh, 
   fns = init_fns(models)
   rngs = dict(zip(sorted(fns), jax.random.split(jax.random.PRNGKey(seed), len(fns) + 1)[1:]))
   trees = {}
-  for name, fn in fns.items():
+  for name, fn in sorted(fns.items(), key=lambda kv: kv[0] == "reference"):  # the reference last
     shard = state_shards.params.get(name) if name in models.trainable else f_shards[name]
-    if name in pretrained:
+    got = pretrained.get(name)
+    if isinstance(got, PartialParams):  # some leaves from another run (t2i.train.init_from), the rest fresh
+      fresh, _ = parallel.sharded_init(fn, mesh, rules, rngs[name])
+      flat = traverse_util.flatten_dict(fresh)
+      flat.update(got)
+      trees[name] = traverse_util.unflatten_dict(flat)
+    elif got is not None:
       want = nn.meta.unbox(jax.eval_shape(fn, rngs[name]))
-      got = pretrained[name]
       if jax.tree.structure(want) != jax.tree.structure(got) or any(
           tuple(w.shape) != tuple(np.shape(g)) for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got))):
         raise ValueError(f"pretrained {name} params do not match the module built from config.{name} "
                          "(tree structure or shapes differ)")
       cast = jax.tree.map(lambda g, w: np.asarray(g, w.dtype), got, want)
       trees[name] = jax.device_put(cast, shard)
+    elif name == "reference" and _same_tree(fn, fns[models.denoiser_name]):
+      # no source run: the reference starts as a copy of the policy's initial denoiser
+      trees[name] = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shard)(trees[models.denoiser_name])
     else:
       trees[name], _ = parallel.sharded_init(fn, mesh, rules, rngs[name])
   params = {n: trees[n] for n in models.trainable}
@@ -76,6 +86,12 @@ def init_state(models: T2IModels, tx: optax.GradientTransformation, mesh: Mesh, 
   rng = jax.device_put(jax.random.PRNGKey(seed + 1), state_shards.rng)
   step = jax.device_put(jnp.zeros((), jnp.int32), state_shards.step)
   return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema, rng=rng), frozen
+
+
+def _same_tree(fn_a: Callable, fn_b: Callable) -> bool:
+  a, b = (jax.eval_shape(f, jax.random.PRNGKey(0)) for f in (fn_a, fn_b))
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def make_update(models: T2IModels, loss_fn: Callable, tx: optax.GradientTransformation,
@@ -100,9 +116,13 @@ def make_update(models: T2IModels, loss_fn: Callable, tx: optax.GradientTransfor
   return update
 
 
-def batch_structs(models: T2IModels, batch_size: int, mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_structs(models: T2IModels, batch_size: int, mesh: Mesh, rules: Any,
+                  pair: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's batch: "image" [B, S, S, 3] in [-1, 1], "input_ids" [B, L] (+ "image_l" for pair objectives)."""
   s = models.image_size
   shapes = {"image": ((batch_size, s, s, 3), jnp.float32), "input_ids": ((batch_size, models.max_length), jnp.int32)}
+  if pair:
+    shapes["image_l"] = shapes["image"]
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=parallel.batch_sharding(mesh, rules, len(shape), shape[0]))
           for k, (shape, dt) in shapes.items()}
 

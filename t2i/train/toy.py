@@ -90,8 +90,10 @@ class ToyDataIterator:
   Batch n is a pure function of (seed, n); `get_state()` / `set_state()` carry n, like a grain iterator.
   """
 
-  def __init__(self, tokenize_fn, global_batch_size: int, image_size: int, seed: int = 0, nan_batch: int = -1):
+  def __init__(self, tokenize_fn, global_batch_size: int, image_size: int, seed: int = 0, nan_batch: int = -1,
+               pair: bool = False):
     self._nan_batch = nan_batch  # >= 0: that batch's images are NaN (exercises the NaN guard)
+    self._pair = pair  # also "image_l": the same shape in the next colour (a rejected image for pair objectives)
     self._tok = tokenize_fn
     self._b = global_batch_size
     self._s = image_size
@@ -108,20 +110,25 @@ class ToyDataIterator:
     colours = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "yellow": (1, 1, -1)}
     s = self._s
     yy, xx = np.mgrid[:s, :s] / (s - 1) * 2 - 1
-    images, texts = [], []
+    images, losers, texts = [], [], []
     for _ in range(self._b):
-      c = TOY_WORDS[0][rng.integers(4)]
+      ci = int(rng.integers(4))
+      c = TOY_WORDS[0][ci]
       shape = TOY_WORDS[1][rng.integers(2)]
       cx, cy = rng.uniform(-0.4, 0.4, 2)
       mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < 0.25) if shape == "circle" else \
           (np.maximum(abs(xx - cx), abs(yy - cy)) < 0.45)
-      img = np.where(mask[..., None], np.array(colours[c], np.float32), -0.5).astype(np.float32)
-      images.append(img)
+      images.append(np.where(mask[..., None], np.array(colours[c], np.float32), -0.5).astype(np.float32))
+      wrong = colours[TOY_WORDS[0][(ci + 1) % 4]]
+      losers.append(np.where(mask[..., None], np.array(wrong, np.float32), -0.5).astype(np.float32))
       texts.append(f"a {c} {shape}")
     images = np.stack(images)
     if self._n - 1 == self._nan_batch:
       images[:] = np.nan
-    return {"image": images, "input_ids": self._tok(texts)}
+    out = {"image": images, "input_ids": self._tok(texts)}
+    if self._pair:
+      out["image_l"] = np.stack(losers)
+    return out
 
   def get_state(self) -> dict:
     return {"seed": self._seed, "next_batch": self._n}

@@ -1,0 +1,78 @@
+"""shapes-bench scores of trained workdirs under several sampling settings, in one process (one compile per
+workdir and step count), printed as one JSON line per (workdir, setting) and appended to --out.
+
+  python -m benchmarks.shapes_eval --workdirs=W1,W2 [--settings=plain,neg] [--num_per_family=20] [--seed=1234]
+      [--guidance=G] [--steps=K] [--out=scores.jsonl]
+
+Settings: "plain" (CFG against the empty prompt), "neg" (CFG against --negative_prompt, default "blurry, noisy"),
+"g=<x>" (guidance x; for a guidance-embedded model the embedded value). Each sample image i uses seed --seed + i,
+so settings and workdirs are compared on the same noise. Scores: per-family accuracy, overall, mean sharpness.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Sequence
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs to score.")
+_SETTINGS = flags.DEFINE_list("settings", ["plain"], "plain, neg, g=<guidance>.")
+_NEG = flags.DEFINE_string("negative_prompt", "blurry, noisy", "Negative prompt of the 'neg' setting.")
+_NUM = flags.DEFINE_integer("num_per_family", 20, "Eval prompts per family (6 families).")
+_SEED = flags.DEFINE_integer("seed", 1234, "Prompt set seed and base sample seed.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance (default: the run's config.sample.guidance_scale).")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config.sample.num_steps).")
+_BATCH = flags.DEFINE_integer("batch", 40, "Images per compiled call.")
+_OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file too.")
+
+
+def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, seed: int, negative_prompt: str,
+                  guidance: float | None = None, steps: int | None = None, batch: int = 40) -> list[dict]:
+  from data_pipelines.shapes.evalset import eval_prompts
+  from t2i import evaluate
+  from t2i.sample import Sampler, sample_prompts
+  s = Sampler(workdir)
+  cfg = s.config.sample
+  prompts = [p["prompt"] for p in eval_prompts(num_per_family, seed, None, int(s.config.image_size))]
+  rows = []
+  for setting in settings:
+    g = float(cfg.guidance_scale if guidance is None else guidance)
+    neg = ""
+    if setting == "neg":
+      neg = negative_prompt
+    elif setting.startswith("g="):
+      g = float(setting[2:])
+    elif setting != "plain":
+      raise ValueError(f"--settings: unknown setting {setting!r} (plain, neg, g=<x>)")
+    with tempfile.TemporaryDirectory() as out:
+      sample_prompts(s, prompts, 1, seed, batch, out, negative_prompt=neg, num_steps=int(steps or cfg.num_steps),
+                     guidance_scale=g, sampler=cfg.get("sampler", "ddim"))
+      summary = evaluate.evaluate_dir(out)
+    rows.append({"workdir": workdir, "step": s.step, "setting": setting, "guidance": g, "negative_prompt": neg,
+                 **summary})
+  return rows
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIRS.value:
+    raise app.UsageError("--workdirs is required")
+  for wd in _WORKDIRS.value:
+    for row in score_workdir(wd, _SETTINGS.value, _NUM.value, _SEED.value, _NEG.value, _GUIDANCE.value,
+                             _STEPS.value, _BATCH.value):
+      line = json.dumps(row)
+      print(line, flush=True)
+      if _OUT.value:
+        with open(_OUT.value, "a") as f:
+          f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,39 @@
+"""Krea recipe, stage 2 on shapes-bench: supervised fine-tuning of the pre-trained tiny MMDiT on the small curated
+split (clean, flawless, exact captions), starting from the pre-training run's EMA weights.
+
+Run (after experiments/flux_shapes_pretrain.py; about 3 minutes on 2 CPU cores):
+  python -m launch.main --config=experiments/flux_shapes_sft.py --workdir=workdirs/flux_sft \\
+      --config.init_from.workdir=workdirs/flux_pretrain
+Expected: the SFT row of the Krea table in docs/results.md (higher overall accuracy than pre-training).
+Variants: `:filtered` (pre-training split curated by the sharpness quality filter instead of the curated split);
+`:smoke` (tests).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import common
+from experiments import flux_shapes_pretrain as pretrain
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "default"
+  c = pretrain.flux_shapes_base()
+  c.init_from.workdir = "workdirs/flux_pretrain"
+  c.total_steps = 600
+  c.ckpt_every = 300
+  c.sample_every = 600
+  c.optimizer = common.optimizer_config(lr=2e-4, warmup_steps=50, schedule="cosine", weight_decay=1e-2,
+                                        grad_clip=1.0)
+  c.data.shapes_split = "curated"
+  c.data.shapes_num = 1000
+  if variant == "filtered":
+    c.data.shapes_split = "pretrain"
+    c.data.shapes_num = 20000
+    c.data.quality_filter = "data_pipelines.shapes.scoring.sharpness_score"
+    c.data.quality_min = 400.0
+  elif variant == "smoke":
+    pretrain.smoke(c)
+  elif variant != "default":
+    raise ValueError(f"experiments/flux_shapes_sft.py: unknown variant {variant!r} (default, filtered, smoke)")
+  return c

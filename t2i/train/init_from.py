@@ -1,0 +1,116 @@
+"""Start a run from another t2i run's checkpoint (SFT after pre-training, DPO/SPIN after SFT, a distillation
+teacher), and fill the frozen "reference" copy of the denoiser.
+
+  config.init_from = dict(workdir="RUN", ema=True, step=-1)
+      every param group of this run is read from the same-named group of RUN's checkpoint (its EMA params when
+      `ema` and RUN kept an EMA; step -1 = latest);
+  config.reference = dict(init_from="", ema=True, step=-1, config={})
+      group "reference" (frozen) = the denoiser built with `config` overrides, read from the denoiser group of
+      `reference.init_from` (default: `init_from.workdir`).
+
+Leaves are matched by path; those missing from the source or of another shape keep their fresh initialisation
+and are listed in the log (e.g. the guidance embedder of a student distilled from a teacher without one).
+Arrays are restored straight into this run's shardings (Orbax partial restore), so nothing is gathered on one host.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+
+
+class PartialParams(dict):
+  """Flat {path tuple: array} for some leaves of a group; the rest keep their initialisation."""
+
+
+def _step_dir(workdir: str, step: int) -> str:
+  root = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise FileNotFoundError(f"{root}: no checkpoint to initialise from (init_from / reference.init_from)")
+  if step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"{root}/{step}: no such checkpoint step (have {steps})")
+  return os.path.join(root, str(step))
+
+
+def _metadata(path: str) -> dict:
+  if not os.path.isdir(path):
+    return {}
+  md = ocp.PyTreeCheckpointer().metadata(path)
+  md = getattr(md, "item_metadata", md)
+  return dict(getattr(md, "tree", md))
+
+
+def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = True, step: int = -1
+                   ) -> dict[str, PartialParams]:
+  """wants: target group -> (source group, abstract tree of ShapeDtypeStructs with shardings).
+
+  Returns target group -> PartialParams of the leaves found in the source run with the same shape.
+  """
+  d = _step_dir(workdir, step)
+  state_md, frozen_md = _metadata(os.path.join(d, "state")), _metadata(os.path.join(d, "frozen"))
+  use_ema = ema and bool(state_md.get("ema_params"))
+  item, args, plan = {}, {}, {}
+  for target, (source, abstract) in wants.items():
+    for top, tree in ((("ema_params" if use_ema else "params"), state_md.get("ema_params" if use_ema else "params")),
+                      ("frozen", frozen_md)):
+      if tree and source in tree:
+        break
+    else:
+      logging.warning("%s: no group %r in %s; %s keeps its initialisation", workdir, source, d, target)
+      continue
+    src = traverse_util.flatten_dict(tree[source])
+    want = traverse_util.flatten_dict(abstract)
+    hit = {k: v for k, v in want.items() if k in src and tuple(src[k].shape) == tuple(v.shape)}
+    miss = sorted("/".join(k) for k in want if k not in hit)
+    if miss:
+      logging.warning("init %s from %s/%s: %d of %d leaves not in the source, kept fresh: %s", target, d, source,
+                      len(miss), len(want), miss[:8])
+    plan[target] = (top, source, list(hit))
+    sub = item.setdefault(top, {}).setdefault(source, {})
+    sub_args = args.setdefault(top, {}).setdefault(source, {})
+    for k, v in hit.items():
+      node, node_args = sub, sub_args
+      for part in k[:-1]:
+        node, node_args = node.setdefault(part, {}), node_args.setdefault(part, {})
+      node[k[-1]] = v
+      node_args[k[-1]] = ocp.ArrayRestoreArgs(sharding=v.sharding, global_shape=v.shape, dtype=v.dtype)
+  out: dict[str, PartialParams] = {}
+  restored = {}
+  for top in item:
+    name = "frozen" if top == "frozen" else "state"
+    sub_item = item[top] if top == "frozen" else {top: item[top]}
+    sub_args = args[top] if top == "frozen" else {top: args[top]}
+    got = ocp.PyTreeCheckpointer().restore(
+        os.path.join(d, name), args=ocp.args.PyTreeRestore(sub_item, restore_args=sub_args, partial_restore=True))
+    restored[top] = got if top == "frozen" else got[top]
+  for target, (top, source, keys) in plan.items():
+    flat = traverse_util.flatten_dict(restored[top][source])
+    out[target] = PartialParams({k: flat[k] for k in keys})
+    logging.info("init %s from %s (%s/%s): %d leaves", target, d, top, source, len(keys))
+  return out
+
+
+def pretrained_from_runs(config: Any, models: Any, abstract: dict[str, Any]) -> dict[str, PartialParams]:
+  """Group -> PartialParams from config.init_from and config.reference (see the module docstring).
+
+  abstract: group -> abstract params (ShapeDtypeStructs with shardings) of this run.
+  """
+  out: dict[str, PartialParams] = {}
+  init = config.get("init_from")
+  if init is not None and init.get("workdir"):
+    wants = {g: (g, a) for g, a in abstract.items() if g != "reference" and jax.tree.leaves(a)}
+    out.update(restore_groups(init.workdir, wants, bool(init.get("ema", True)), int(init.get("step", -1))))
+  ref = config.get("reference")
+  if ref is not None and "reference" in abstract:
+    src = ref.get("init_from") or (init.get("workdir") if init is not None else "")
+    if src:
+      out.update(restore_groups(src, {"reference": (models.denoiser_name, abstract["reference"])},
+                                bool(ref.get("ema", True)), int(ref.get("step", -1))))
+  return out

@@ -1,0 +1,113 @@
+"""Preference objectives in the one train loop: pair data (ties dropped, winner first), Diffusion-DPO / flow-DPO
+with a frozen, sharded reference, and a SPIN round's opponent-sampled data set."""
+import io
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+from data_pipelines import pipeline
+from data_pipelines.tfds import common, preference_pairs
+from experiments import flux_shapes_dpo, sd_shapes, sd_shapes_dpo, sd_shapes_spin
+from t2i.train import aot
+from t2i.train import loop
+
+
+def _png(rgb, size=8) -> bytes:
+  buf = io.BytesIO()
+  Image.new("RGB", (size, size), rgb).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def _params(workdir, group, kind="state", key="ema_params"):
+  import orbax.checkpoint as ocp
+  from t2i.train import checkpoint as ckpt_lib
+  step = ckpt_lib.make_manager(str(workdir), async_save=False).latest_step()
+  tree = ocp.PyTreeCheckpointer().restore(f"{workdir}/checkpoints/{step}/{kind}")
+  tree = tree[key] if kind == "state" else tree
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree[group]).items()}
+
+
+def _metrics(workdir):
+  import json
+  return [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+
+
+def test_pair_pipeline_drops_ties_and_puts_winner_first(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  white, black = (255, 255, 255), (0, 0, 0)
+  table = pa.table({"caption": ["a", "b", "tie", "c"],
+                    "jpg_0": [_png(white), _png(black), _png(white), _png(white)],
+                    "jpg_1": [_png(black), _png(white), _png(black), _png(black)],
+                    "label_0": [1.0, 0.0, 0.5, 1.0]})
+  pq.write_table(table, tmp_path / "p.parquet")
+  common.prepare(preference_pairs.PreferencePairs(config="parquet", parquet_files=[str(tmp_path / "p.parquet")],
+                                                  data_dir=str(tmp_path / "d"), file_format="array_record"))
+  cfg = ml_collections.ConfigDict(dict(data_dir=str(tmp_path / "d"), dataset="preference_pairs/parquet",
+                                       image_size=8, caption_dropout=0.0, pair=True, max_length=0))
+  it = pipeline.make_train_iterator(cfg, lambda t: np.zeros((len(t), 4), np.int32), 3)
+  b = next(it)
+  assert b["image"].shape == b["image_l"].shape == (3, 8, 8, 3)
+  np.testing.assert_allclose(b["image"], 1.0)      # the preferred image is always the white one
+  np.testing.assert_allclose(b["image_l"], -1.0)
+  assert sorted(it.last_host_batch["caption"]) == ["a", "b", "c"] and it.skip_counts == {"tie": 1}
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("sft")
+  loop.train(sd_shapes.get_config("smoke"), str(wd))
+  return wd
+
+
+def test_dpo_reference_frozen_and_sharded_like_policy(sft_run, tmp_path):
+  cfg = sd_shapes_dpo.get_config("smoke")
+  cfg.init_from.workdir = str(sft_run)
+  cfg.mesh = dict(data=2, fsdp=2, tensor=2)
+  s = aot.abstract_setup(cfg)
+  pol, ref = s["shards"].params["unet"], s["f_shards"]["reference"]
+  assert jax.tree.structure(pol) == jax.tree.structure(ref)
+  specs = [(a.spec, b.spec) for a, b in zip(jax.tree.leaves(pol), jax.tree.leaves(ref))]
+  assert all(a == b for a, b in specs) and any(any(x is not None for x in a) for a, _ in specs)
+  loop.train(cfg, str(tmp_path))
+  before, after = _params(sft_run, "unet"), _params(tmp_path, "reference", kind="frozen")
+  for k in before:
+    np.testing.assert_array_equal(before[k], after[k], err_msg=str(k))   # bit-identical
+  policy = _params(tmp_path, "unet", key="params")
+  assert any(not np.array_equal(before[k], policy[k]) for k in before)  # the policy did move
+  m = _metrics(tmp_path)
+  assert all(0.0 <= r["implicit_acc"] <= 1.0 and np.isfinite(r["loss"]) for r in m)
+  assert abs(m[0]["reward_margin"]) < 1e-3  # policy == reference at step 1 (up to float reassociation)
+
+
+def test_flow_dpo_runs(tmp_path):
+  rec = loop.train(flux_shapes_dpo.get_config("smoke"), str(tmp_path))
+  assert np.isfinite(rec["loss"]) and 0.0 <= rec["implicit_acc"] <= 1.0
+
+
+def test_spin_round_samples_opponent_and_trains(sft_run, tmp_path):
+  from t2i.train import spin_data
+  data_dir = str(tmp_path / "data")
+  real = pipeline.prepare_shapes(data_dir, "train", num=6, size=32)
+  name = spin_data.build_round(str(sft_run), data_dir, real, num=6, image_size=16, batch=4)
+  src = common.load_source(data_dir, name)
+  assert len(src) == 6
+  for i in range(6):
+    r = src[i]
+    assert float(r["label_0"]) == 1.0
+    assert np.asarray(Image.open(io.BytesIO(r["jpg_1"]))).shape == (16, 16, 3)
+  assert spin_data.build_round(str(sft_run), data_dir, real, num=6, image_size=16) == name  # cached
+  cfg = sd_shapes_spin.get_config()
+  smoke = sd_shapes_dpo.get_config("smoke")
+  for k in ("image_size", "batch_size", "total_steps", "ckpt_every", "sample_every", "log_every", "progress", "mesh",
+            "tokenizer", "unet", "text_encoder", "vae", "sample"):
+    cfg[k] = smoke[k]
+  cfg.init_from.workdir = str(sft_run)
+  cfg.data = ml_collections.ConfigDict(dict(name="tfds", data_dir=data_dir, dataset=name, pair=True,
+                                            caption_dropout=0.0))
+  rec = loop.train(cfg, str(tmp_path / "spin"))
+  assert np.isfinite(rec["loss"]) and "implicit_acc" in rec

@@ -6,7 +6,7 @@ Needs real hardware (TPU v5p-8 / 8x80 GB GPUs or more) and local copies of the w
       --config.vae.checkpoint=/ckpt/sdxl/vae --config.tokenizer.path=/ckpt/sdxl/tokenizer \
       --config.data.name=tfds --config.data.dataset=image_folder --config.data.data_dir=/data
   bash launch/tpu_pod.sh experiments/sdxl.py gs://bucket/sdxl ...    # multi-host
-Expected: per-device memory as printed by benchmarks/compile_sdxl.py (AOT-compiled on a fake fsdp=8 CPU mesh,
+Expected: per-device memory as printed by `python benchmarks/compile_step.py --config=experiments/sdxl.py` (AOT-compiled on a fake fsdp=8 CPU mesh,
 batch 1/device: 5.2 GiB params/optimiser/EMA arguments; XLA-CPU temp 42.3 GiB, or 26.5 GiB with
 --config.cache.enabled=True; the CPU backend's figure is only an upper-bound hint for TPU/GPU);
 loss around 0.1 (epsilon MSE) on natural images. 

@@ -27,19 +27,7 @@ from t2i.train import objectives
 from t2i.train import optimizer as opt_lib
 from t2i.train import step as step_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Train workdir (config.json, tokenizer/, checkpoints/).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File with one prompt per line.")
-_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional branch of CFG).")
-_NUM = flags.DEFINE_integer("num", 1, "Images per prompt.")
-_SEED = flags.DEFINE_integer("seed", 0, "Base seed; image i uses seed + i.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sample.num_steps).")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "CFG scale (default: config.sample.guidance_scale).")
-_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name (default: config.sample.sampler).")
-_BATCH = flags.DEFINE_integer("batch", 8, "Images per compiled sampling call.")
-_NOEMA = flags.DEFINE_bool("noema", False, "Use the raw trained params instead of the EMA.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
+FLAGS = flags.FLAGS
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -121,29 +109,47 @@ def sample_prompts(s: Sampler, prompts: list[str], num: int, seed: int, batch: i
   return rows
 
 
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so importing Sampler defines none)."""
+  flags.DEFINE_string("workdir", None, "Train workdir (config.json, tokenizer/, checkpoints/).")
+  flags.DEFINE_string("prompt", None, "Prompt text.")
+  flags.DEFINE_string("prompts_file", None, "File with one prompt per line.")
+  flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional branch of CFG).")
+  flags.DEFINE_integer("num", 1, "Images per prompt.")
+  flags.DEFINE_integer("seed", 0, "Base seed; image i uses seed + i.")
+  flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sample.num_steps).")
+  flags.DEFINE_float("guidance", None, "CFG scale (default: config.sample.guidance_scale).")
+  flags.DEFINE_string("sampler", None, "Sampler name (default: config.sample.sampler).")
+  flags.DEFINE_integer("batch", 8, "Images per compiled sampling call.")
+  flags.DEFINE_bool("noema", False, "Use the raw trained params instead of the EMA.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_string("out", None, "Output directory.")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value or not _OUT.value:
+  if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--workdir and --out are required")
-  if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
+  if (FLAGS.prompt is None) == (FLAGS.prompts_file is None):
     raise app.UsageError("give exactly one of --prompt or --prompts_file")
-  if _PROMPT.value is not None:
-    prompts = [_PROMPT.value]
+  if FLAGS.prompt is not None:
+    prompts = [FLAGS.prompt]
   else:
-    with open(_PROMPTS_FILE.value) as f:
+    with open(FLAGS.prompts_file) as f:
       prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-      raise app.UsageError(f"--prompts_file={_PROMPTS_FILE.value}: no prompts")
-  s = Sampler(_WORKDIR.value, use_ema=not _NOEMA.value, step=_STEP.value)
+      raise app.UsageError(f"--prompts_file={FLAGS.prompts_file}: no prompts")
+  s = Sampler(FLAGS.workdir, use_ema=not FLAGS.noema, step=FLAGS.step)
   cfg = s.config.sample
   rows = sample_prompts(
-      s, prompts, _NUM.value, _SEED.value, _BATCH.value, _OUT.value, negative_prompt=_NEGATIVE.value,
-      num_steps=_STEPS.value or int(cfg.num_steps),
-      guidance_scale=_GUIDANCE.value if _GUIDANCE.value is not None else float(cfg.guidance_scale),
-      sampler=_SAMPLER.value or cfg.get("sampler", "ddim"))
-  logging.info("wrote %d images from step %d to %s", len(rows), s.step, _OUT.value)
+      s, prompts, FLAGS.num, FLAGS.seed, FLAGS.batch, FLAGS.out, negative_prompt=FLAGS.negative_prompt,
+      num_steps=FLAGS.steps or int(cfg.num_steps),
+      guidance_scale=FLAGS.guidance if FLAGS.guidance is not None else float(cfg.guidance_scale),
+      sampler=FLAGS.sampler or cfg.get("sampler", "ddim"))
+  logging.info("wrote %d images from step %d to %s", len(rows), s.step, FLAGS.out)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

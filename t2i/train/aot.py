@@ -47,9 +47,10 @@ def compile_report(config: Any, mesh: Any = None) -> dict[str, Any]:
                             "image_size": int(config.image_size)}
   for name, tree in {**s["structs"].params, **s["f_structs"]}.items():
     report[f"params_{name}"] = param_count(tree)
-  update = step_lib.make_update(models, objectives.get(config.objective).loss, s["tx"], s["sched"],
-                                config.get("ema"), int(config.optimizer.get("grad_accum", 1)))
-  b_structs = step_lib.batch_structs(models, int(config.batch_size), mesh, rules)
+  objective = objectives.get(config.objective)
+  update = step_lib.make_update(models, objective.loss, s["tx"], s["sched"], config.get("ema"),
+                                int(config.optimizer.get("grad_accum", 1)))
+  b_structs = step_lib.batch_structs(models, int(config.batch_size), mesh, rules, pair=objective.pair)
   if config.get("cache") is not None and config.cache.get("enabled", False):
     from t2i.train import cache as cache_lib
     b_structs = cache_lib.batch_structs(models, b_structs, s["f_structs"], mesh, rules)

@@ -199,7 +199,9 @@ class T2IModels:
   def cond(self, params: dict[str, Any], input_ids: jax.Array, time_ids: jax.Array | None = None) -> dict:
     """The denoiser's conditioning dict for token ids [B, L]."""
     if self.is_mmdit:
-      out = {n: te.apply({"params": params[n]}, input_ids) for n, te in self.text_encoders.items()}
+      # A CLIP encoder reads at most its max_position_embeddings tokens (FLUX: 77 for CLIP, 512 for T5).
+      fit = lambda te: input_ids[:, :getattr(te, "max_position_embeddings", None) or input_ids.shape[1]]
+      out = {n: te.apply({"params": params[n]}, fit(te)) for n, te in self.text_encoders.items()}
       context = out["text_encoder_2"] if "text_encoder_2" in out else out["text_encoder"]
       context = context[0] if isinstance(context, tuple) else context
       pooled = out["text_encoder"][1]
@@ -310,7 +312,8 @@ def init_fns(models: T2IModels) -> dict[str, Callable[[jax.Array], Any]]:
   ids = jnp.zeros((b, L), jnp.int32)
   fns: dict[str, Callable[[jax.Array], Any]] = {}
   for name, te in models.text_encoders.items():
-    fns[name] = (lambda te: lambda rng: te.init(rng, ids)["params"])(te)
+    te_ids = ids[:, :getattr(te, "max_position_embeddings", None) or L]
+    fns[name] = (lambda te, te_ids: lambda rng: te.init(rng, te_ids)["params"])(te, te_ids)
 
   def denoiser_init(module):
     def init(rng):

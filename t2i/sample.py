@@ -5,7 +5,9 @@
 
 Writes OUT/00000.png, ... and OUT/index.jsonl ({"file", "prompt", "seed"} per line). The workdir's config.json
 and tokenizer/ are all it needs. Image i starts from the noise of seed S + i (reproducible image by image,
-whatever --batch is; the DDIM sampler is deterministic).
+whatever --batch is; the DDIM sampler is deterministic). Any model family (`t2i.train.family`) with a sampler
+works: for a token model (config.family="tokens", objective "cm3") seed S + i keys image i's token sampling,
+--steps is ignored and --sampler is top_p / greedy / cd_k.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from absl import app, flags, logging
 from t2i import parallel
 from t2i.train import checkpoint as ckpt_lib
 from t2i.train import ema as ema_lib
-from t2i.train import models as models_lib
+from t2i.train import family as family_lib
 from t2i.train import objectives
 from t2i.train import optimizer as opt_lib
 from t2i.train import step as step_lib
@@ -45,8 +47,9 @@ class Sampler:
     self.config = config = load_config(workdir)
     rules = tuple(tuple(r) for r in config.axis_rules)
     self.mesh = mesh = parallel.make_mesh(config.mesh)
-    self.tokenize = models_lib.load_tokenizer(workdir, int(config.tokenizer.max_length))
-    self.models = models = models_lib.build_models(config, self.tokenize)
+    family = family_lib.get(config)
+    self.tokenize = family.load_tokenizer(config, workdir)
+    self.models = models = family.build_models(config, self.tokenize)
     self.objective = objectives.get(config.objective)
     if self.objective.sample is None:
       raise ValueError(f"config.objective={config.objective!r} has no sampler")
@@ -66,13 +69,11 @@ class Sampler:
     key = (num_steps, sampler)
     if key not in self._fns:
       obj, models = self.objective, self.models
-      shape = tuple(models.latent_shape)
 
       def fn(p, f, ids, u, seeds, g):
-        x_T = jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape))(seeds)
         return obj.sample(p, f, ids, u, jax.random.PRNGKey(0), models, num_steps=num_steps, guidance_scale=g,
-                          sampler=sampler, x_T=x_T)
-      self._fns[key] = jax.jit(fn)
+                          sampler=sampler, x_T=models.noise(seeds))
+      self._fns[key] = jax.jit(fn, static_argnums=(5,) if obj.static_guidance else ())
     return self._fns[key]
 
   def __call__(self, prompts: list[str], seeds: list[int], negative_prompt: str = "", num_steps: int = 25,
@@ -81,7 +82,8 @@ class Sampler:
     ids = self.tokenize(prompts)
     uncond = np.repeat(self.tokenize([negative_prompt]), len(prompts), 0)
     seeds = np.asarray(seeds, np.uint32)
-    out = self._fn(num_steps, sampler)(self.params, self.frozen, ids, uncond, seeds, jnp.float32(guidance_scale))
+    g = float(guidance_scale) if self.objective.static_guidance else jnp.float32(guidance_scale)
+    out = self._fn(num_steps, sampler)(self.params, self.frozen, ids, uncond, seeds, g)
     return np.asarray(parallel.global_to_host(out))
 
 

@@ -2,6 +2,8 @@
 
 Reads top to bottom like the run it performs: mesh, tokenizer & data, models & optimiser, sharded state,
 update step (AOT-compiled), checkpoint restore, then the loop (step, log, NaN guard, checkpoint, samples).
+The model family (`config.family`: "t2i" default, "tokens"; see `t2i.train.family`) supplies the tokenizer, the
+models object and the data iterator; the objective supplies the loss, sampler and optional post-update hook.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from t2i import parallel
 from t2i.train import cache as cache_lib
 from t2i.train import checkpoint as ckpt_lib
 from t2i.train import ema as ema_lib
+from t2i.train import family as family_lib
 from t2i.train import init_from
 from t2i.train import logging as log_lib
 from t2i.train import models as models_lib
@@ -101,11 +104,12 @@ def put_batch(batch: dict[str, Any], structs: dict[str, jax.ShapeDtypeStruct]) -
 
 
 def make_sampler(config: Any, models, objective) -> Any:
-  """Jitted (params, frozen, ids, uncond_ids, rng, guidance) -> images; one compiled sampling loop."""
+  """Jitted (params, frozen, ids, uncond_ids, rng, guidance) -> images; one compiled sampling loop (guidance is a
+  static Python float for objectives with `static_guidance`)."""
   cfg = config.sample
   fn = lambda p, f, ids, u, rng, g: objective.sample(p, f, ids, u, rng, models, num_steps=int(cfg.num_steps),
                                                      guidance_scale=g, sampler=cfg.get("sampler", "ddim"))
-  return jax.jit(fn)
+  return jax.jit(fn, static_argnums=(5,) if objective.static_guidance else ())
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
@@ -123,11 +127,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   logging.info("mesh: %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
   # ---------------------------------------------------------------- tokenizer & data
-  tokenize = models_lib.setup_tokenizer(config, workdir)
-  data_it = make_data_iterator(config, tokenize, mesh)
+  family = family_lib.get(config)
+  tokenize = family.setup_tokenizer(config, workdir)
+  data_it = family.make_data_iterator(config, tokenize, mesh)
 
   # ---------------------------------------------------------------- models & optimiser
-  models = models_lib.build_models(config, tokenize)
+  models = family.build_models(config, tokenize)
   objective = objectives.get(config.objective)
   total = int(config.total_steps)
   tx, sched = opt_lib.make_optimizer(config.optimizer, total)
@@ -140,7 +145,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- update step (AOT-compiled)
   update = step_lib.make_update(models, objective.loss, tx, sched, config.get("ema"),
-                                int(config.optimizer.get("grad_accum", 1)))
+                                int(config.optimizer.get("grad_accum", 1)), post_update=objective.post_update)
   plain_structs = step_lib.batch_structs(models, int(config.batch_size), mesh, rules, pair=objective.pair)
   use_cache = config.get("cache") is not None and bool(config.cache.get("enabled", False))
   b_structs = cache_lib.batch_structs(models, plain_structs, f_structs, mesh, rules) if use_cache else plain_structs
@@ -182,17 +187,25 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   metrics_file = log_lib.MetricsFile(os.path.join(workdir, "metrics.jsonl")) if is_main else None
   sample_every = int(config.get("sample_every", 0))
   sampler = make_sampler(config, models, objective) if objective.sample is not None else None
+  recon = jax.jit(lambda p, f, x: objective.reconstruct(p, f, x, models)) if objective.reconstruct else None
   prompts = list(config.sample.prompts) if config.get("sample") is not None else []
 
-  def write_samples(step: int) -> None:
-    if sampler is None or not prompts:
-      return
-    ids = tokenize(prompts)
-    uncond = np.repeat(tokenize([""]), len(prompts), 0)
+  def write_samples(step: int, batch: dict[str, jax.Array]) -> None:
     params = state.ema_params if state.ema_params is not None else state.params
-    imgs = sampler(params, frozen, ids, uncond, jax.random.PRNGKey(int(config.sample.get("seed", 0))),
-                   jnp.float32(config.sample.guidance_scale))
-    grid = log_lib.image_grid(parallel.global_to_host(imgs))
+    cols = None
+    if recon is not None:  # autoencoders: row 1 = the step's batch images, row 2 = their reconstructions
+      x = parallel.global_to_host(batch["image"])
+      cols = len(x)
+      imgs = np.concatenate([x, parallel.global_to_host(recon(params, frozen, batch["image"]))], 0)
+    elif sampler is None or not prompts:
+      return
+    else:
+      ids = tokenize(prompts)
+      uncond = np.repeat(tokenize([""]), len(prompts), 0)
+      g = config.sample.guidance_scale
+      g = float(g) if objective.static_guidance else jnp.float32(g)
+      imgs = sampler(params, frozen, ids, uncond, jax.random.PRNGKey(int(config.sample.get("seed", 0))), g)
+    grid = log_lib.image_grid(parallel.global_to_host(imgs), cols)
     if is_main:
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
       from PIL import Image
@@ -235,7 +248,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         ckpt_lib.save(mngr, state, frozen, data_it.get_state())
         last_ckpt = step
       if (sample_every and step % sample_every == 0) or (step == total and sample_every):
-        write_samples(step)
+        write_samples(step, batch)
       if stop["signal"] is not None:
         logging.warning("signal %d: saved a checkpoint at step %d and stopped", stop["signal"], step)
         break

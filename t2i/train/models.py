@@ -183,6 +183,23 @@ class T2IModels:
   def is_mmdit(self) -> bool:
     return hasattr(self.denoiser, "guidance_embeds")
 
+  # -- the model-family interface (t2i.train.family): what the loop, step and sampler ask of a models object
+  def init_fns(self) -> dict[str, Callable[[jax.Array], Any]]:
+    return init_fns(self)
+
+  def batch_shapes(self, batch_size: int, pair: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """"image" [B, S, S, 3] float32 in [-1, 1], "input_ids" [B, L] int32 (+ "image_l" for pair objectives)."""
+    s = self.image_size
+    shapes = {"image": ((batch_size, s, s, 3), jnp.float32), "input_ids": ((batch_size, self.max_length), jnp.int32)}
+    if pair:
+      shapes["image_l"] = shapes["image"]
+    return shapes
+
+  def noise(self, seeds: jax.Array) -> jax.Array:
+    """Starting latents x_T [n, *latent_shape]: sample i is N(0, 1) noise of PRNGKey(seeds[i])."""
+    shape = tuple(self.latent_shape)
+    return jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape))(seeds)
+
   def encode_text(self, params: dict[str, Any], input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(encoder_hidden_states, pooled): hidden states of all encoders concatenated, pooled of the last."""
     hs, pooled = [], None

@@ -9,7 +9,10 @@ sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps, guidanc
 Registered: "diffusion" (eps / v / x0 U-Net), "flow" (rectified flow), "flow_guidance_distill" (a
 guidance-embedded student regresses the CFG output of the frozen "reference" teacher), and the pairwise
 "diffusion_dpo", "flow_dpo", "diffusion_spin", "flow_spin" (batch["image"] preferred / real, batch["image_l"]
-rejected / the opponent's sample; the frozen "reference" group is the DPO reference or the SPIN opponent).
+rejected / the opponent's sample; the frozen "reference" group is the DPO reference or the SPIN opponent), and
+for the "tokens" family (`t2i.train.token_models`): "vq" (VQ-VAE image tokenizer; dead-code restarts as its
+post_update; validation writes reconstructions) and "cm3" (CM3 next-token NLL + z-loss on token documents; the
+sampler decodes image codes with `t2i.sampling.ar` and the frozen VQ decoder).
 A new method registers its functions here (and adds an experiment file); it does not add a loop.
 """
 from __future__ import annotations
@@ -26,6 +29,11 @@ class Objective:
   loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
   sample: Callable[..., jax.Array] | None = None
   pair: bool = False   # the batch carries a second image, "image_l"
+  # (params, frozen, batch, rng, step, models) -> (params, metrics): pure non-gradient change after each update
+  post_update: Callable[..., tuple[Any, dict[str, jax.Array]]] | None = None
+  # (params, frozen, images, models) -> images: validation writes reconstructions of batch images (autoencoders)
+  reconstruct: Callable[..., jax.Array] | None = None
+  static_guidance: bool = False   # the sampler needs guidance_scale as a Python float (one compile per value)
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
@@ -208,6 +216,93 @@ def flow_pair_loss(params, frozen, batch, rng, models, spin: bool = False):
                                   sft_on_winners=bool(pcfg.get("sft_on_winners", False)), **kw)
 
 
+# ------------------------------------------------------------------------------------------------ tokens family
+
+def vq_loss(params, frozen, batch, rng, models):
+  """VQ-VAE loss of group "vq" on batch["image"]; metrics psnr, perplexity, used_codes, recon_mse, ..."""
+  from t2i.models import vq
+  return vq.vq_loss(params["vq"], batch["image"], rng, model=models.vq)
+
+
+def vq_restart(params, frozen, batch, rng, step, models):
+  """Dead-code restart (config.vq_train): every `restart_every` completed steps up to `restart_until` (0: always),
+  codes used fewer than `restart_min_count` times in this batch are re-initialised from random encoder outputs
+  of the batch (`t2i.models.vq.restart_dead_codes`); live codes are untouched. Metric: restarted_codes."""
+  from t2i.models import vq
+  cfg = models.config.get("vq_train") or {}
+  every = int(cfg.get("restart_every", 0))
+  if every <= 0:
+    return params, {}
+  until = int(cfg.get("restart_until", 0))
+  m = models.vq
+
+  def restart(p):
+    z = m.apply({"params": p}, batch["image"], method="encode_latent")
+    _, codes, _ = m.apply({"params": p}, z, method="quantize")
+    new, n = vq.restart_dead_codes(p, vq.code_counts(codes, m.num_codes), z, rng,
+                                   min_usage=float(cfg.get("restart_min_count", 1.0)))
+    return new, n.astype(jnp.float32)
+
+  due = (step % every == 0) & ((step <= until) if until > 0 else True)
+  p, n = jax.lax.cond(due, restart, lambda p: (p, jnp.zeros((), jnp.float32)), params["vq"])
+  return {**params, "vq": p}, {"restarted_codes": n}
+
+
+def vq_reconstruct(params, frozen, images, models):
+  p = {**frozen, **params}
+  recon, _ = models.vq.apply({"params": p["vq"]}, images)
+  return jnp.clip(recon.astype(jnp.float32), -1.0, 1.0)
+
+
+def cm3_loss(params, frozen, batch, rng, models):
+  """CM3: next-token NLL over every real token of the (CM3-transformed) documents batch["tokens"] with
+  batch["loss_mask"] (0 = padding), + config.cm3.z_loss_weight * log²Z (Chameleon)."""
+  from t2i.objectives.autoregressive import cm3_lm_loss, next_token_batch
+  del frozen, rng
+  inputs, targets, mask = next_token_batch(batch["tokens"], batch["loss_mask"])
+  logits = models.lm.apply({"params": params["lm"]}, inputs)
+  return cm3_lm_loss(logits, targets, mask, z_loss_weight=float(models.config.cm3.get("z_loss_weight", 0.0)))
+
+
+AR_SAMPLERS = {"top_p": "sample", "greedy": "greedy", "cd_k": "cd_k"}
+
+
+def cm3_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int = 0, guidance_scale: float = 1.0,
+               sampler: str = "top_p", x_T: jax.Array | None = None):
+  """Caption -> image: prompts `<bos> text <break> <image_start>` (input_ids, left-padded with <pad>; uncond_ids:
+  text replaced by <mask>) continue with h*w tokens restricted to the image-code range (`t2i.sampling.ar`:
+  "top_p" with config.sample.temperature / top_p, "greedy" or "cd_k"), decoded by the frozen VQ decoder to
+  images in [-1, 1]. CFG `uncond + g (cond - uncond)` when guidance_scale != 1 (and always for cd_k).
+  guidance_scale must be a Python float; x_T: PRNG keys [B, 2] per row (`models.noise`), else split from rng.
+  num_steps is unused (the number of tokens is fixed by the code grid)."""
+  from t2i.sampling import ar
+  del num_steps
+  if sampler not in AR_SAMPLERS:
+    raise ValueError(f"config.sample.sampler={sampler!r}: the cm3 objective samples with {sorted(AR_SAMPLERS)}")
+  cfg = models.config.sample
+  g = float(guidance_scale)
+  mode = AR_SAMPLERS[sampler]
+  two = g != 1.0 or mode == "cd_k"
+  vocab = models.vocab
+  pad = vocab.special.pad
+  h, w = models.code_shape
+  dcfg = ar.DecodeConfig(num_tokens=h * w, mode=mode, temperature=float(cfg.get("temperature", 1.0)),
+                         top_p=float(cfg.get("top_p", 0.9)), guidance=(g,) if two else (),
+                         cd_alpha=float(cfg.get("cd_alpha", 0.1)), cd_k=int(cfg.get("cd_k", 5)),
+                         cd_sample=bool(cfg.get("cd_sample", False)), allowed=vocab.image_range, pad_id=pad)
+  p = {**frozen, **params}
+  keys = x_T if x_T is not None else jax.random.split(rng, input_ids.shape[0])
+
+  def one(ids, u, key):  # one row per call (vmapped): image i depends on its own key only
+    streams = [(ids[None], (ids != pad)[None])] + ([(u[None], (u != pad)[None])] if two else [])
+    return ar.generate(models.lm, p["lm"], streams, key, dcfg)[0]
+
+  toks = jax.vmap(one)(input_ids, uncond_ids, keys)
+  codes = jnp.clip(toks - vocab.image_offset, 0, vocab.num_image_codes - 1).reshape(-1, h, w)
+  images = models.vq.apply({"params": p["vq"]}, codes, method="decode")
+  return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "diffusion": Objective(loss=diffusion_loss, sample=diffusion_sample),
     "flow": Objective(loss=flow_loss, sample=flow_sample),
@@ -217,6 +312,8 @@ OBJECTIVES: dict[str, Objective] = {
                                 pair=True),
     "flow_dpo": Objective(loss=flow_pair_loss, sample=flow_sample, pair=True),
     "flow_spin": Objective(loss=lambda *a: flow_pair_loss(*a, spin=True), sample=flow_sample, pair=True),
+    "vq": Objective(loss=vq_loss, post_update=vq_restart, reconstruct=vq_reconstruct),
+    "cm3": Objective(loss=cm3_loss, sample=cm3_sample, static_guidance=True),
 }
 
 

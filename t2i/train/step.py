@@ -15,15 +15,14 @@ from t2i import parallel
 from t2i.train import ema as ema_lib
 from t2i.train import objectives
 from t2i.train.init_from import PartialParams
-from t2i.train.models import T2IModels, init_fns
 from t2i.train.state import TrainState
 
 
-def abstract_state(models: T2IModels, tx: optax.GradientTransformation, mesh: Mesh, rules: Any,
+def abstract_state(models: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Any,
                    use_ema: bool) -> tuple[TrainState, TrainState, dict, dict]:
   """(state structs, state shardings, frozen structs, frozen shardings); allocates nothing."""
   repl = NamedSharding(mesh, P())
-  fns = init_fns(models)
+  fns = models.init_fns()
   structs, shards = {}, {}
   for name, fn in fns.items():
     structs[name], shards[name] = parallel.abstract_init(fn, mesh, rules, jax.random.PRNGKey(0))
@@ -48,18 +47,22 @@ def _opt_shardings(tx, p_structs, p_shards, repl):
   return opt_state_shardings(tx, plain, p_shards, repl)
 
 
-def init_state(models: T2IModels, tx: optax.GradientTransformation, mesh: Mesh, rules: Any, seed: int,
+def init_state(models: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Any, seed: int,
                state_shards: TrainState, f_shards: dict, pretrained: dict[str, Any] | None = None
                ) -> tuple[TrainState, dict]:
   """Random (or pretrained) params, optimiser state, EMA and RNG, each created directly in its sharding."""
   pretrained = pretrained or {}
-  fns = init_fns(models)
+  fns = models.init_fns()
   rngs = dict(zip(sorted(fns), jax.random.split(jax.random.PRNGKey(seed), len(fns) + 1)[1:]))
   trees = {}
   for name, fn in sorted(fns.items(), key=lambda kv: kv[0] == "reference"):  # the reference last
     shard = state_shards.params.get(name) if name in models.trainable else f_shards[name]
     got = pretrained.get(name)
     if isinstance(got, PartialParams):  # some leaves from another run (t2i.train.init_from), the rest fresh
+      want = traverse_util.flatten_dict(nn.meta.unbox(jax.eval_shape(fn, rngs[name])))
+      if set(got) == set(want):  # every leaf restored (already in this run's shardings): no fresh init needed
+        trees[name] = traverse_util.unflatten_dict(dict(got))
+        continue
       fresh, _ = parallel.sharded_init(fn, mesh, rules, rngs[name])
       flat = traverse_util.flatten_dict(fresh)
       flat.update(got)
@@ -94,9 +97,14 @@ def _same_tree(fn_a: Callable, fn_b: Callable) -> bool:
       x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def make_update(models: T2IModels, loss_fn: Callable, tx: optax.GradientTransformation,
-                schedule: Callable[[Any], Any], ema_cfg: Any, grad_accum: int = 1) -> Callable:
-  """update(state, frozen, batch) -> (state, metrics): one optimiser (micro-)step, pure."""
+def make_update(models: Any, loss_fn: Callable, tx: optax.GradientTransformation,
+                schedule: Callable[[Any], Any], ema_cfg: Any, grad_accum: int = 1,
+                post_update: Callable | None = None) -> Callable:
+  """update(state, frozen, batch) -> (state, metrics): one optimiser (micro-)step, pure.
+
+  post_update (optional, an objective's): (params, frozen, batch, rng, step, models) -> (params, metrics), a pure
+  non-gradient change applied after the optimiser update (e.g. VQ dead-code restarts); step = completed steps.
+  """
 
   def update(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -108,6 +116,9 @@ def make_update(models: T2IModels, loss_fn: Callable, tx: optax.GradientTransfor
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
+    if post_update is not None:
+      params, extra = post_update(params, frozen, batch, jax.random.fold_in(rng, 1), step, models)
+      metrics = dict(metrics, **extra)
     ema = ema_lib.update(state.ema_params, params, step, ema_cfg)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params), lr=schedule(state.step // grad_accum))
@@ -116,13 +127,11 @@ def make_update(models: T2IModels, loss_fn: Callable, tx: optax.GradientTransfor
   return update
 
 
-def batch_structs(models: T2IModels, batch_size: int, mesh: Mesh, rules: Any,
+def batch_structs(models: Any, batch_size: int, mesh: Mesh, rules: Any,
                   pair: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
-  """The step's batch: "image" [B, S, S, 3] in [-1, 1], "input_ids" [B, L] (+ "image_l" for pair objectives)."""
-  s = models.image_size
-  shapes = {"image": ((batch_size, s, s, 3), jnp.float32), "input_ids": ((batch_size, models.max_length), jnp.int32)}
-  if pair:
-    shapes["image_l"] = shapes["image"]
+  """The step's batch, sharded over the batch axis: `models.batch_shapes` (t2i: "image" [B, S, S, 3] in [-1, 1],
+  "input_ids" [B, L], + "image_l" for pair objectives; tokens: see `t2i.train.token_models`)."""
+  shapes = models.batch_shapes(batch_size, pair)
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=parallel.batch_sharding(mesh, rules, len(shape), shape[0]))
           for k, (shape, dt) in shapes.items()}
 

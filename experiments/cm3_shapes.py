@@ -1,0 +1,83 @@
+"""CM3Leon-style token LM on shapes-bench: stage 2 of the autoregressive family, on the codes of a
+`experiments/vq_shapes.py` run (frozen group "vq", read from config.init_from.workdir).
+
+Data: the VQ run encodes the shapes-bench train split once (dataset vq_tokens/<run>_..., cached in data_dir);
+documents `<bos> caption <break> <image_start> 64 codes <image_end> <eod>` (joint vocabulary: 512 text BPE | 256
+codes | specials), image-first flips 20 %, CM3 span transform on half of the documents, 10 % with the whole caption
+as the span (the `<mask>` stream CFG uses), padded to 128 tokens. Model: 4-layer Llama-style decoder (RMSNorm,
+SwiGLU, RoPE, QK-norm), d=128; loss next-token NLL + 1e-5 z-loss. Sampling: prompt `<bos> caption <break>
+<image_start>`, 64 codes with top-p 0.9, CFG 3 against `<bos> <mask> <break> <image_start>`, VQ decoder.
+
+Run (after the VQ stage):
+  python -m launch.main --config=experiments/vq_shapes.py --workdir=workdirs/vq_shapes
+  python -m launch.main --config=experiments/cm3_shapes.py --workdir=workdirs/cm3_shapes \\
+      --config.init_from.workdir=workdirs/vq_shapes
+  python -m t2i.sample --workdir=workdirs/cm3_shapes --prompt="a large red circle" --num=8 --out=out
+  python -m benchmarks.shapes_eval --workdirs=workdirs/cm3_shapes
+Expected: not measured yet (CPU budget); train nll falls well below log(256) per image code within the first
+thousand steps. Variant `:smoke` (tiny VQ and LM, 64 images, 4 steps) is used by the tests.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import common, vq_shapes
+
+
+def tiny_lm(hidden: int, layers: int, heads: int, max_length: int) -> ml_collections.ConfigDict:
+  return common.module_config("t2i.models.transformer.Transformer", dict(
+      vocab_size=-1,  # -1: the joint vocabulary's size
+      hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+      max_position_embeddings=max_length, qk_norm=True, norm_order="pre", norm_kind="rms",
+      tie_word_embeddings=False, initializer_range=0.02))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "default"
+  c = vq_shapes.token_base_config()
+  c.objective = "cm3"
+  c.image_size = 32
+  c.batch_size = 32
+  c.total_steps = 4000
+  c.ckpt_every = 500
+  c.sample_every = 1000
+  c.log_every = 10
+  c.optimizer = common.optimizer_config(lr=1e-3, warmup_steps=200, schedule="cosine", weight_decay=0.1,
+                                        grad_clip=1.0)
+  c.optimizer.b2 = 0.95
+  c.optimizer.min_lr_ratio = 0.1
+  c.ema = ml_collections.ConfigDict(dict(decay=0.995, every=1, warmup=True))
+  c.init_from = ml_collections.ConfigDict(dict(workdir="workdirs/vq_shapes", ema=True, step=-1))
+  c.vq = vq_shapes.vq_module()          # must match the VQ run (checked against its checkpoint)
+  c.lm = tiny_lm(128, 4, 4, 128)
+  c.cm3 = ml_collections.ConfigDict(dict(z_loss_weight=1e-5))
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", vocab_size=512, max_length=32))  # prompt length
+  # vq_workdir: "" = init_from.workdir (the codes and the frozen "vq" group come from the same checkpoint).
+  c.data = ml_collections.ConfigDict(dict(
+      name="vq_tokens", data_dir="~/t2i_data", vq_workdir="", shapes_split="train", shapes_num=10000,
+      max_length=128, image_first=0.2, cm3_rate=0.5, span_rate=1.0, max_span_len=0, uncond_rate=0.1))
+  c.sample = ml_collections.ConfigDict(dict(
+      prompts=["a red circle", "a blue square", "a yellow triangle", "a large green circle",
+               "a small purple square", "two orange squares", "a red circle to the left of a blue triangle",
+               "a purple triangle"],
+      num_steps=0, guidance_scale=3.0, sampler="top_p", temperature=1.0, top_p=0.9, cd_alpha=0.1, cd_k=5, seed=0))
+  if variant == "smoke":
+    c.batch_size = 8
+    c.total_steps = 4
+    c.ckpt_every = 2
+    c.sample_every = 4
+    c.log_every = 1
+    c.progress = False
+    c.mesh = common.mesh_config(data=-1)
+    c.optimizer = common.optimizer_config(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                                          grad_clip=1.0)
+    c.init_from.workdir = ""  # the tests pass the smoke VQ run
+    c.vq = vq_shapes.vq_module("smoke")
+    c.lm = tiny_lm(32, 2, 2, 64)
+    c.data.shapes_num = 64
+    c.data.max_length = 64
+    c.sample.prompts = ["a red circle", "a blue square"]
+    c.sample.guidance_scale = 2.0
+  elif variant != "default":
+    raise ValueError(f"experiments/cm3_shapes.py: unknown variant {variant!r} (default, smoke)")
+  return c

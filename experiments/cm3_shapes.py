@@ -62,15 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                "a purple triangle"],
       num_steps=0, guidance_scale=3.0, sampler="top_p", temperature=1.0, top_p=0.9, cd_alpha=0.1, cd_k=5, seed=0))
   if variant == "smoke":
-    c.batch_size = 8
-    c.total_steps = 4
-    c.ckpt_every = 2
-    c.sample_every = 4
-    c.log_every = 1
-    c.progress = False
-    c.mesh = common.mesh_config(data=-1)
-    c.optimizer = common.optimizer_config(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                                          grad_clip=1.0)
+    common.smoke_schedule(c, total_steps=4, ckpt_every=2, sample_every=4, lr=3e-3, warmup_steps=0,
+                          schedule="constant", weight_decay=0.0)
     c.init_from.workdir = ""  # the tests pass the smoke VQ run
     c.vq = vq_shapes.vq_module("smoke")
     c.lm = tiny_lm(32, 2, 2, 64)

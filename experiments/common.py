@@ -75,6 +75,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def smoke_schedule(c: ml_collections.ConfigDict, total_steps: int, ckpt_every: int, sample_every: int,
+                   batch_size: int = 8, lr: float = 1e-3, warmup_steps: int = 2, schedule: str = "cosine",
+                   weight_decay: float = 1e-2) -> None:
+  """A few steps on all local devices, logged every step, no progress bar: the `:smoke` variants (tests)."""
+  c.batch_size = batch_size
+  c.total_steps = total_steps
+  c.ckpt_every = ckpt_every
+  c.sample_every = sample_every
+  c.log_every = 1
+  c.progress = False
+  c.mesh = mesh_config(data=-1)
+  c.optimizer = optimizer_config(lr=lr, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
+                                 grad_clip=1.0)
+
+
 def real_hardware_schedule(c: ml_collections.ConfigDict) -> None:
   """Steps, logging/checkpoint cadence, FSDP mesh, optimiser and EMA shared by the real-size experiments."""
   c.total_steps = 100_000

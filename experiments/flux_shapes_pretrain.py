@@ -73,14 +73,7 @@ def flux_shapes_base() -> ml_collections.ConfigDict:
 def smoke(c: ml_collections.ConfigDict) -> None:
   """Few steps on 16 px toy data, for tests."""
   c.image_size = 16
-  c.batch_size = 8
-  c.total_steps = 4
-  c.ckpt_every = 2
-  c.sample_every = 0
-  c.log_every = 1
-  c.progress = False
-  c.mesh = common.mesh_config(data=-1)
-  c.optimizer = common.optimizer_config(lr=1e-3, warmup_steps=1, grad_clip=1.0)
+  common.smoke_schedule(c, total_steps=4, ckpt_every=2, sample_every=0, warmup_steps=1)
   c.data = ml_collections.ConfigDict(dict(name="toy", nan_batch=-1))
   c.sample.num_steps = 3
 

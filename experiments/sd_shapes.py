@@ -79,14 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant in ("smoke", "smoke_latent"):
     c.vae = None
     c.image_size = 16
-    c.batch_size = 8
-    c.total_steps = 6
-    c.ckpt_every = 2
-    c.sample_every = 0
-    c.log_every = 1
-    c.progress = False
-    c.mesh = common.mesh_config(data=-1)
-    c.optimizer = common.optimizer_config(lr=1e-3, warmup_steps=2, grad_clip=1.0)
+    common.smoke_schedule(c, total_steps=6, ckpt_every=2, sample_every=0)
     c.tokenizer = ml_collections.ConfigDict(dict(kind="toy", path="", max_length=8, vocab_size=64))
     c.unet = common.module_config("t2i.train.toy.ToyUNet", dict(block_out_channels=(16,), cross_attention_dim=16))
     c.text_encoder = common.module_config("t2i.train.toy.ToyTextEncoder", dict(

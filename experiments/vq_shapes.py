@@ -62,15 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           shapes_num=10000, caption_dropout=0.0, flip=False, worker_count=0))
   c.sample = ml_collections.ConfigDict(dict(prompts=[], num_steps=0, guidance_scale=1.0, sampler="", seed=0))
   if variant == "smoke":
-    c.batch_size = 8
-    c.total_steps = 6
-    c.ckpt_every = 3
-    c.sample_every = 6
-    c.log_every = 1
-    c.progress = False
-    c.mesh = common.mesh_config(data=-1)
-    c.optimizer = common.optimizer_config(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                                          grad_clip=1.0)
+    common.smoke_schedule(c, total_steps=6, ckpt_every=3, sample_every=6, lr=3e-3, warmup_steps=0,
+                          schedule="constant", weight_decay=0.0)
     c.vq = vq_module("smoke")
     c.vq_train = ml_collections.ConfigDict(dict(restart_every=2, restart_until=4, restart_min_count=1.0))
     c.data.shapes_num = 64

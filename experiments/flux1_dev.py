@@ -10,7 +10,7 @@ Needs real hardware (TPU v5p-64 / 64x80 GB GPUs class for full fine-tuning) and 
       --config.tokenizer.path=/ckpt/flux1-dev/tokenizer --config.data.dataset=image_folder --config.data.data_dir=/data
 Expected: per-device memory as printed by `python benchmarks/compile_step.py --config=experiments/flux1_dev.py
 --mesh=fsdp=8 --fast_compile --cache` (and `--mesh=fsdp=4,tensor=2`): fsdp=8 at batch 1/device, 1024 px: arguments
-22.2 GiB, XLA:CPU temp 142.3 GiB (docs/results.md).
+22.2 GiB, XLA:CPU temp 142.3 GiB; fsdp=4 x tensor=2: 22.2 / 130.1 GiB (docs/results.md).
 Known gap: t2i feeds one tokenizer's ids to both text encoders; real T5 needs its own sentencepiece tokenizer
 (`tokenizer_2`, not built yet), so fine-tuning real FLUX weights must wait for it (the shapes-bench experiments
 train both encoders from scratch on one BPE vocabulary).

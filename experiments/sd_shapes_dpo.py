@@ -30,6 +30,14 @@ def preference_arm(c: ml_collections.ConfigDict, init_from: str, steps: int = 15
   c.text_encoder.trainable = False
 
 
+def use_smoke_models(c: ml_collections.ConfigDict) -> None:
+  """Sizes, schedule, tokenizer and toy models of `sd_shapes.py:smoke` (the preference arms' tests)."""
+  smoke = sd_shapes.get_config("smoke")
+  for k in ("image_size", "batch_size", "total_steps", "ckpt_every", "sample_every", "log_every", "progress", "mesh",
+            "tokenizer", "unet", "text_encoder", "vae", "sample"):
+    c[k] = smoke[k]
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "dpo"
   c = sd_shapes.get_config()
@@ -48,10 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective = "diffusion_dpo"
     c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}))
     c.preference = ml_collections.ConfigDict(dict(beta=2000.0, loss_kind="sigmoid", sft_on_winners=False))
-    smoke = sd_shapes.get_config("smoke")
-    for k in ("image_size", "batch_size", "total_steps", "ckpt_every", "sample_every", "log_every", "progress", "mesh",
-              "tokenizer", "unet", "text_encoder", "vae", "sample"):
-      c[k] = smoke[k]
+    use_smoke_models(c)
     c.init_from.workdir = ""
     c.data = ml_collections.ConfigDict(dict(name="toy", nan_batch=-1, pair=True))
   else:

@@ -3,22 +3,11 @@ teacher, and FLUX.1-dev size."""
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from experiments import flux1_dev, flux_shapes_distill, flux_shapes_pretrain, flux_shapes_sft
-from t2i.train import checkpoint as ckpt_lib
 from t2i.train import loop
 from t2i.train.models import build_module
 from t2i.train.state import param_count
-
-
-def _params(workdir, group, kind="state", key="ema_params"):
-  """Leaves of one param group of a run's latest checkpoint, as numpy (restored without a target)."""
-  import orbax.checkpoint as ocp
-  mngr = ckpt_lib.make_manager(str(workdir), async_save=False)
-  tree = ocp.PyTreeCheckpointer().restore(f"{workdir}/checkpoints/{mngr.latest_step()}/{kind}")
-  tree = tree[key] if kind == "state" else tree
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree[group]).items()}
 
 
 @pytest.fixture(scope="module")
@@ -39,29 +28,29 @@ def test_flux1_dev_param_count():
   assert n == 11_901_408_320  # diffusers FluxTransformer2DModel, FLUX.1-dev config
 
 
-def test_sft_starts_from_pretrain_ema(pretrained, tmp_path):
+def test_sft_starts_from_pretrain_ema(read_group, pretrained, tmp_path):
   cfg = flux_shapes_sft.get_config("smoke")
   cfg.init_from.workdir = str(pretrained)
   cfg.optimizer.lr = 0.0   # no update: the SFT run's params stay the loaded ones
   cfg.ema.decay = 0.0
   loop.train(cfg, str(tmp_path))
   for group in ("transformer", "text_encoder", "text_encoder_2"):
-    src, got = _params(pretrained, group), _params(tmp_path, group, key="params")
+    src, got = read_group(pretrained, group), read_group(tmp_path, group, key="params")
     assert src.keys() == got.keys()
     for k in src:
       np.testing.assert_array_equal(src[k], got[k], err_msg=f"{group}/{k}")
 
 
-def test_guidance_distillation_keeps_teacher_frozen(pretrained, tmp_path):
+def test_guidance_distillation_keeps_teacher_frozen(read_group, pretrained, tmp_path):
   cfg = flux_shapes_distill.get_config("smoke")
   cfg.init_from.workdir = str(pretrained)
   rec = loop.train(cfg, str(tmp_path))
   assert np.isfinite(rec["loss"]) and rec["g_mean"] >= 1.0
-  teacher, ref = _params(pretrained, "transformer"), _params(tmp_path, "reference", kind="frozen")
+  teacher, ref = read_group(pretrained, "transformer"), read_group(tmp_path, "reference", kind="frozen")
   assert teacher.keys() == ref.keys()
   for k in teacher:
     np.testing.assert_array_equal(teacher[k], ref[k], err_msg=str(k))
-  student = _params(tmp_path, "transformer", key="params")
+  student = read_group(tmp_path, "transformer", key="params")
   assert any("guidance" in "/".join(k) for k in student)   # the student has a guidance embedder, the teacher not
   assert not any("guidance" in "/".join(k) for k in ref)
   # The student samples with its embedded guidance: one model pass per step (no unconditional batch).

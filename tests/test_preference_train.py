@@ -6,7 +6,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from flax import traverse_util
 from PIL import Image
 
 from data_pipelines import pipeline
@@ -20,15 +19,6 @@ def _png(rgb, size=8) -> bytes:
   buf = io.BytesIO()
   Image.new("RGB", (size, size), rgb).save(buf, "PNG")
   return buf.getvalue()
-
-
-def _params(workdir, group, kind="state", key="ema_params"):
-  import orbax.checkpoint as ocp
-  from t2i.train import checkpoint as ckpt_lib
-  step = ckpt_lib.make_manager(str(workdir), async_save=False).latest_step()
-  tree = ocp.PyTreeCheckpointer().restore(f"{workdir}/checkpoints/{step}/{kind}")
-  tree = tree[key] if kind == "state" else tree
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree[group]).items()}
 
 
 def _metrics(workdir):
@@ -64,7 +54,7 @@ def sft_run(tmp_path_factory):
   return wd
 
 
-def test_dpo_reference_frozen_and_sharded_like_policy(sft_run, tmp_path):
+def test_dpo_reference_frozen_and_sharded_like_policy(read_group, sft_run, tmp_path):
   cfg = sd_shapes_dpo.get_config("smoke")
   cfg.init_from.workdir = str(sft_run)
   cfg.mesh = dict(data=2, fsdp=2, tensor=2)
@@ -74,10 +64,10 @@ def test_dpo_reference_frozen_and_sharded_like_policy(sft_run, tmp_path):
   specs = [(a.spec, b.spec) for a, b in zip(jax.tree.leaves(pol), jax.tree.leaves(ref))]
   assert all(a == b for a, b in specs) and any(any(x is not None for x in a) for a, _ in specs)
   loop.train(cfg, str(tmp_path))
-  before, after = _params(sft_run, "unet"), _params(tmp_path, "reference", kind="frozen")
+  before, after = read_group(sft_run, "unet"), read_group(tmp_path, "reference", kind="frozen")
   for k in before:
     np.testing.assert_array_equal(before[k], after[k], err_msg=str(k))   # bit-identical
-  policy = _params(tmp_path, "unet", key="params")
+  policy = read_group(tmp_path, "unet", key="params")
   assert any(not np.array_equal(before[k], policy[k]) for k in before)  # the policy did move
   m = _metrics(tmp_path)
   assert all(0.0 <= r["implicit_acc"] <= 1.0 and np.isfinite(r["loss"]) for r in m)
@@ -102,10 +92,7 @@ def test_spin_round_samples_opponent_and_trains(sft_run, tmp_path):
     assert np.asarray(Image.open(io.BytesIO(r["jpg_1"]))).shape == (16, 16, 3)
   assert spin_data.build_round(str(sft_run), data_dir, real, num=6, image_size=16) == name  # cached
   cfg = sd_shapes_spin.get_config()
-  smoke = sd_shapes_dpo.get_config("smoke")
-  for k in ("image_size", "batch_size", "total_steps", "ckpt_every", "sample_every", "log_every", "progress", "mesh",
-            "tokenizer", "unet", "text_encoder", "vae", "sample"):
-    cfg[k] = smoke[k]
+  sd_shapes_dpo.use_smoke_models(cfg)
   cfg.init_from.workdir = str(sft_run)
   cfg.data = ml_collections.ConfigDict(dict(name="tfds", data_dir=data_dir, dataset=name, pair=True,
                                             caption_dropout=0.0))

@@ -7,19 +7,11 @@ The set is cached: a rerun (or a resumed round) reuses the built dataset.
 """
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
 import numpy as np
 from absl import logging
-
-
-def _png(img: np.ndarray) -> bytes:
-  from PIL import Image
-  buf = io.BytesIO()
-  Image.fromarray(img).save(buf, format="PNG")
-  return buf.getvalue()
 
 
 def round_name(opponent_workdir: str, real_dataset: str, num: int, seed: int) -> str:
@@ -34,6 +26,7 @@ def build_round(opponent_workdir: str, data_dir: str, real_dataset: str, num: in
                 batch: int = 32, num_steps: int | None = None, guidance_scale: float | None = None) -> str:
   """Builds (once) the round's pair dataset from the first `num` real records; returns its `cfg.dataset` name."""
   from data_pipelines.pipeline import resize_crop
+  from data_pipelines.shapes.rendering import png_bytes
   from data_pipelines import image_decode
   from data_pipelines.tfds import common, preference_pairs as pp
   name = round_name(opponent_workdir, real_dataset, num, seed)
@@ -66,8 +59,8 @@ def build_round(opponent_workdir: str, data_dir: str, real_dataset: str, num: in
     for i, im in zip(chunk, imgs):
       real_img = resize_crop(image_decode.decode_rgb(real[i]["image"]), (image_size, image_size))
       rows["caption"].append(captions[i])
-      rows["jpg_0"].append(_png(real_img))
-      rows["jpg_1"].append(_png(np.clip(np.round((im + 1) * 127.5), 0, 255).astype(np.uint8)))
+      rows["jpg_0"].append(png_bytes(real_img))
+      rows["jpg_1"].append(png_bytes(np.clip(np.round((im + 1) * 127.5), 0, 255).astype(np.uint8)))
       rows["label_0"].append(1.0)
     logging.info("SPIN round data: %d / %d opponent samples", len(rows["caption"]), n)
   os.makedirs(data_dir, exist_ok=True)

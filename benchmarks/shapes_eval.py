@@ -2,7 +2,7 @@
 workdir and step count), printed as one JSON line per (workdir, setting) and appended to --out.
 
   python -m benchmarks.shapes_eval --workdirs=W1,W2 [--settings=plain,neg] [--num_per_family=20] [--seed=1234]
-      [--guidance=G] [--steps=K] [--out=scores.jsonl]
+      [--guidance=G] [--steps=K] [--step=N] [--out=scores.jsonl]
 
 Settings: "plain" (CFG against the empty prompt), "neg" (CFG against --negative_prompt, default "blurry, noisy"),
 "g=<x>" (guidance x; for a guidance-embedded model the embedded value). Each sample image i uses seed --seed + i,
@@ -30,14 +30,16 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance (default: the run's c
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config.sample.num_steps).")
 _BATCH = flags.DEFINE_integer("batch", 40, "Images per compiled call.")
 _OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file too.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to score (default: the latest).")
 
 
 def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, seed: int, negative_prompt: str,
-                  guidance: float | None = None, steps: int | None = None, batch: int = 40) -> list[dict]:
+                  guidance: float | None = None, steps: int | None = None, batch: int = 40,
+                  step: int | None = None) -> list[dict]:
   from data_pipelines.shapes.evalset import eval_prompts
   from t2i import evaluate
   from t2i.sample import Sampler, sample_prompts
-  s = Sampler(workdir)
+  s = Sampler(workdir, step=step)
   cfg = s.config.sample
   prompts = [p["prompt"] for p in eval_prompts(num_per_family, seed, None, int(s.config.image_size))]
   rows = []
@@ -66,7 +68,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--workdirs is required")
   for wd in _WORKDIRS.value:
     for row in score_workdir(wd, _SETTINGS.value, _NUM.value, _SEED.value, _NEG.value, _GUIDANCE.value,
-                             _STEPS.value, _BATCH.value):
+                             _STEPS.value, _BATCH.value, _STEP.value):
       line = json.dumps(row)
       print(line, flush=True)
       if _OUT.value:

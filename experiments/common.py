@@ -70,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.vae = None
   # Precompute pass over the first num_batches batches: frozen-VAE latents and frozen text embeddings.
   c.cache = ml_collections.ConfigDict(dict(enabled=False, num_batches=100))
+  # Start from another run's or a `python -m t2i.convert` checkpoint ("" = from scratch); see t2i.train.init_from.
+  c.init_from = ml_collections.ConfigDict(dict(workdir="", ema=True, step=-1))
   c.sample = ml_collections.ConfigDict(dict(prompts=["a red circle"], num_steps=25, guidance_scale=4.0,
                                             sampler="ddim", seed=0))
   return c

@@ -49,7 +49,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder.config.max_position_embeddings = 77
   c.text_encoder_2 = t5_xxl(trainable=False, dtype="bfloat16")
   c.vae = common.module_config("t2i.models.vae.AutoencoderKL", preset="flux", dtype="bfloat16")
-  c.init_from = ml_collections.ConfigDict(dict(workdir="", ema=True, step=-1))
   c.data = ml_collections.ConfigDict(dict(name="tfds", data_dir="", dataset="image_folder", split="train",
                                           caption_dropout=0.0, random_crop=True, flip=False, worker_count=8))
   c.sample = ml_collections.ConfigDict(dict(prompts=["a photo of an astronaut riding a horse"], num_steps=28,

@@ -58,7 +58,6 @@ def flux_shapes_base() -> ml_collections.ConfigDict:
   c.transformer = tiny_flux()
   tiny_text_encoders(c)
   c.vae = common.module_config("t2i.models.patch_ae.SpaceToDepth", dict(factor=2))
-  c.init_from = ml_collections.ConfigDict(dict(workdir="", ema=True, step=-1))
   c.data = ml_collections.ConfigDict(dict(name="shapes", dataset="", data_dir="~/t2i_data", shapes_split="pretrain",
                                           shapes_num=20000, caption_dropout=0.0, flip=False, worker_count=0,
                                           quality_filter="", quality_min=0.0))

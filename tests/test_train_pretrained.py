@@ -9,26 +9,38 @@ from t2i.train import optimizer as opt_lib
 from t2i.train import step as step_lib
 
 
-def test_init_from_pretrained_folders(tmp_path):
+def _tiny_reference_folders(tmp_path):
+  """A tiny diffusers U-Net and transformers CLIP text model saved as a diffusers pipeline folder."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   transformers = pytest.importorskip("transformers")
   torch.manual_seed(0)
-  unet = diffusers.UNet2DConditionModel(
-      sample_size=8, in_channels=3, out_channels=3, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
-      cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+  unet = diffusers.UNet2DConditionModel(**UNET)
   unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
-  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-      max_position_embeddings=8, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-  clip.save_pretrained(tmp_path / "clip", safe_serialization=True)
+  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP))
+  clip.save_pretrained(tmp_path / "text_encoder", safe_serialization=True)
+  (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+  return unet, clip
 
+
+UNET = dict(sample_size=8, in_channels=3, out_channels=3, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+            cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+CLIP = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _clip_embedding(clip):
+  return next(v for k, v in clip.state_dict().items() if k.endswith("token_embedding.weight")).numpy()
+
+
+def test_init_from_pretrained_folders(tmp_path):
+  unet, clip = _tiny_reference_folders(tmp_path)
   cfg = sd_shapes.get_config("smoke")
   cfg.image_size = 8
   cfg.mesh = common.mesh_config(data=2, fsdp=2, tensor=2)
   cfg.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", checkpoint=str(tmp_path / "unet"))
-  cfg.text_encoder = common.module_config("t2i.models.text.CLIPTextModel", checkpoint=str(tmp_path / "clip"),
+  cfg.text_encoder = common.module_config("t2i.models.text.CLIPTextModel", checkpoint=str(tmp_path / "text_encoder"),
                                           trainable=True)
   tok = models_lib.setup_tokenizer(cfg, str(tmp_path / "work"))
   models = models_lib.build_models(cfg, tok)
@@ -41,9 +53,43 @@ def test_init_from_pretrained_folders(tmp_path):
   np.testing.assert_array_equal(np.asarray(state.params["unet"]["conv_in"]["conv"]["kernel"]),
                                 unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(np.asarray(state.ema_params["text_encoder"]["token_embedding"]["embedding"]),
-                                next(v for k, v in clip.state_dict().items()
-                                     if k.endswith("token_embedding.weight")).numpy())
+                                _clip_embedding(clip))
   with pytest.raises(ValueError, match="no loader for t2i.train.toy.ToyUNet"):
     bad = sd_shapes.get_config("smoke").unet
     bad.checkpoint = str(tmp_path / "unet")
     models_lib.build_module(bad, "unet")
+
+
+def test_convert_cli_checkpoint_starts_a_run(tmp_path):
+  """`python -m t2i.convert --pipeline=P --out=D` writes a checkpoint that config.init_from restores exactly."""
+  from t2i.convert import __main__ as cli
+  from t2i.train import init_from
+  unet, clip = _tiny_reference_folders(tmp_path / "pipe")
+  report = cli.convert(str(tmp_path / "ckpt"), cli.folders(str(tmp_path / "pipe"), {}))
+  assert sorted(report) == ["text_encoder", "unet"]
+  assert report["unet"]["num_params"] == sum(p.numel() for p in unet.parameters())
+  with pytest.raises(FileExistsError, match="choose an empty folder"):
+    cli.convert(str(tmp_path / "ckpt"), cli.folders(str(tmp_path / "pipe"), {}))
+  with pytest.raises(ValueError, match="model_index.json"):
+    cli.folders(str(tmp_path), {})
+
+  cfg = sd_shapes.get_config("smoke")
+  cfg.image_size = 8
+  cfg.mesh = common.mesh_config(data=2, fsdp=2, tensor=2)
+  cfg.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", dict(UNET))
+  cfg.text_encoder = common.module_config("t2i.models.text.CLIPTextModel", dict(
+      vocab_size=-1, eos_token_id=-1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, max_position_embeddings=8, hidden_act="quick_gelu"), trainable=True)
+  cfg.init_from = dict(workdir=str(tmp_path / "ckpt"), ema=True, step=-1)
+  tok = models_lib.setup_tokenizer(cfg, str(tmp_path / "work"))
+  models = models_lib.build_models(cfg, tok)
+  mesh = parallel.make_mesh(cfg.mesh)
+  tx, _ = opt_lib.make_optimizer(cfg.optimizer, 10)
+  structs, shards, f_structs, f_shards = step_lib.abstract_state(models, tx, mesh, cfg.axis_rules, True)
+  pretrained = init_from.pretrained_from_runs(cfg, models, {**structs.params, **f_structs})
+  state, _ = step_lib.init_state(models, tx, mesh, cfg.axis_rules, 0, shards, f_shards, pretrained)
+  np.testing.assert_array_equal(np.asarray(state.params["unet"]["conv_in"]["conv"]["kernel"]),
+                                unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
+  emb = state.params["text_encoder"]["token_embedding"]["embedding"]
+  assert len(emb.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(emb)[:64], _clip_embedding(clip))

@@ -33,6 +33,7 @@ import numpy as np
 
 from data_pipelines import cm3
 from data_pipelines.shapes import captions, palette
+from data_pipelines.tfds.common import text
 from t2i.text.joint_vocab import JointVocab
 
 TASKS = ("t2i", "caption", "vqa", "edit", "ground")
@@ -138,21 +139,17 @@ def sft_document(prompt: Sequence[int], response: Sequence[int]) -> tuple[np.nda
 
 # ------------------------------------------------------------------------------------------------ records
 
-def _text(v: Any) -> str:
-  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-
 def decode_record(raw: dict[str, Any], task: str) -> dict[str, Any]:
   """A stored record (`vq_tokens` for t2i, `vq_tasks` otherwise) -> the fields `task_example` reads."""
   if task == "t2i":
-    return {"caption": _text(raw["caption"]), "codes": np.asarray(raw["codes"])}
-  out = {"codes": np.asarray(raw["codes"]), "caption": _text(raw["caption"])}
+    return {"caption": text(raw["caption"]), "codes": np.asarray(raw["codes"])}
+  out = {"codes": np.asarray(raw["codes"]), "caption": text(raw["caption"])}
   if task == "vqa":
-    out.update(question=_text(raw["text"]), answer=_text(raw["answer"]))
+    out.update(question=text(raw["text"]), answer=text(raw["answer"]))
   elif task == "edit":
-    out.update(instruction=_text(raw["text"]), target_codes=np.asarray(raw["target_codes"]))
+    out.update(instruction=text(raw["text"]), target_codes=np.asarray(raw["target_codes"]))
   elif task == "ground":
-    out["annotation"] = json.loads(_text(raw["annotation"]))
+    out["annotation"] = json.loads(text(raw["annotation"]))
   return out
 
 

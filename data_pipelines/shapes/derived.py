@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -51,6 +52,46 @@ def canonical_caption(scene: dict[str, Any]) -> str:
   for flaw in scene.get("flaws", ()):
     text += ", " + flaw
   return captions._articles(text)
+
+
+_COUNT_WORDS = {w: n for n, w in enumerate(palette.NUMBER_WORDS)}
+_PART_RE = re.compile(r"(?:an?|(?P<n>" + "|".join(palette.NUMBER_WORDS[1:]) + r")) (?P<size>" + "|".join(palette.SIZES)
+                      + r") (?P<color>" + "|".join(palette.COLOR_NAMES) + r") (?P<shape>"
+                      + "|".join(list(palette.SHAPES) + list(palette.PLURALS.values())) + r")")
+_BG_PHRASES = {v[1]: k for k, v in palette.BACKGROUNDS.items()}
+
+
+def parse_canonical_caption(text: str) -> dict[str, Any]:
+  """Inverse of `canonical_caption` (without flaws): {"objects": sorted [(size, colour, shape)] with repeats,
+  "background": name}. Raises ValueError when the text is not in that grammar (e.g. a garbled generation)."""
+  norm = " ".join(str(text).lower().split()).rstrip(" .")
+  body, sep, bg = norm.rpartition(" on ")
+  if not sep or bg not in _BG_PHRASES:
+    raise ValueError(f"not a canonical shapes caption (no known background): {text!r}")
+  objects: list[tuple[str, str, str]] = []
+  if body != "no shapes":
+    for part in re.split(r", | and ", body):
+      m = _PART_RE.fullmatch(part)
+      if m is None:
+        raise ValueError(f"not a canonical shapes caption (cannot read {part!r}): {text!r}")
+      n = _COUNT_WORDS[m.group("n")] if m.group("n") else 1
+      shape = next(s for s in palette.SHAPES if m.group("shape") in (s, palette.PLURALS[s]))
+      if (n == 1) != (m.group("shape") == shape):
+        raise ValueError(f"not a canonical shapes caption (number and noun disagree in {part!r}): {text!r}")
+      objects += [(m.group("size"), m.group("color"), shape)] * n
+  return {"objects": sorted(objects), "background": _BG_PHRASES[bg]}
+
+
+def caption_match(generated: str, reference: str) -> dict[str, bool]:
+  """{"objects": the generated caption names the reference's objects with their colours and shapes (as a
+  multiset; sizes and background ignored), "exact": also sizes and background}; False for unparseable text."""
+  ref = parse_canonical_caption(reference)
+  try:
+    got = parse_canonical_caption(generated)
+  except ValueError:
+    return {"objects": False, "exact": False}
+  objects = sorted(o[1:] for o in got["objects"]) == sorted(o[1:] for o in ref["objects"])
+  return {"objects": objects, "exact": objects and got == ref}
 
 
 def preference_pairs(num: int, seed: int = 0, size: int = 64) -> Iterator[dict[str, Any]]:

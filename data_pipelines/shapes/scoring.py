@@ -149,6 +149,32 @@ def detect(image: np.ndarray) -> list[dict[str, Any]]:
   return found
 
 
+def background_name(image: np.ndarray) -> str | None:
+  """Palette background (name) of an HxWx3 image from its border, None when no background is within 25 RGB."""
+  img = np.asarray(image, np.float32)[..., :3]
+  border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]], axis=0)
+  d = {name: float(np.linalg.norm(np.asarray(rgb, np.float32) - np.median(border, axis=0)))
+       for name, (rgb, _) in palette.BACKGROUNDS.items()}
+  best = min(d, key=d.get)
+  return best if d[best] < 25 else None
+
+
+def same_objects(found: Sequence[dict[str, Any]], expected: Sequence[dict[str, Any]], canvas: float) -> bool:
+  """Whether two detections (`detect`) hold the same objects: equal numbers, and a one-to-one pairing with equal
+  colour and shape and centroids within the grounding tolerance (6 px at 64 px, scaled with `canvas`)."""
+  if len(found) != len(expected):
+    return False
+  tol = GROUNDING_TOLERANCE * canvas / 64
+  ok = [[a["color"] == b["color"] and a["shape"] == b["shape"]
+         and np.hypot(a["centroid"][0] - b["centroid"][0], a["centroid"][1] - b["centroid"][1]) <= tol
+         for b in expected] for a in found]
+
+  def assign(i: int, used: frozenset) -> bool:
+    return i == len(found) or any(ok[i][j] and assign(i + 1, used | {j}) for j in range(len(expected))
+                                  if j not in used)
+  return assign(0, frozenset())
+
+
 def _match(o: dict[str, Any], req: dict[str, Any]) -> bool:
   return (o["color"] == req["color"] and o["shape"] == req["shape"]
           and (not req.get("size") or o["size"] == req["size"]))

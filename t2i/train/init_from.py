@@ -1,15 +1,19 @@
 """Start a run from another t2i run's checkpoint (SFT after pre-training, DPO/SPIN after SFT, a distillation
 teacher), and fill the frozen "reference" copy of the denoiser.
 
-  config.init_from = dict(workdir="RUN", ema=True, step=-1)
+  config.init_from = dict(workdir="RUN", ema=True, step=-1, grow=False)
       every param group of this run is read from the same-named group of RUN's checkpoint (its EMA params when
-      `ema` and RUN kept an EMA; step -1 = latest);
+      `ema` and RUN kept an EMA; step -1 = latest); `grow`: see below;
   config.reference = dict(init_from="", ema=True, step=-1, config={})
       group "reference" (frozen) = the denoiser built with `config` overrides, read from the denoiser group of
       `reference.init_from` (default: `init_from.workdir`).
 
 Leaves are matched by path; those missing from the source or of another shape keep their fresh initialisation
 and are listed in the log (e.g. the guidance embedder of a student distilled from a teacher without one).
+With `grow` (vocabulary growth, e.g. a token LM whose fine-tuning vocabulary appends coordinate tokens), a leaf
+that is larger than the source along exactly one axis takes the source values in its leading part and the mean
+of the source along that axis in the appended part (new embedding rows / LM-head columns start at the average
+token, Hewitt 2021); such leaves are listed in the log.
 Arrays are restored straight into this run's shardings (Orbax partial restore), so nothing is gathered on one host.
 """
 from __future__ import annotations
@@ -47,11 +51,29 @@ def _metadata(path: str) -> dict:
   return dict(getattr(md, "tree", md))
 
 
-def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = True, step: int = -1
-                   ) -> dict[str, PartialParams]:
+def _grown_axis(src_shape: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
+  """The one axis along which `shape` is larger than `src_shape` (all others equal), else None."""
+  if len(src_shape) != len(shape):
+    return None
+  diff = [i for i, (a, b) in enumerate(zip(src_shape, shape)) if a != b]
+  return diff[0] if len(diff) == 1 and shape[diff[0]] > src_shape[diff[0]] else None
+
+
+def _grow(x: jax.Array, target: Any, axis: int) -> jax.Array:
+  """`x` padded along `axis` to target.shape with its mean along that axis, placed in target.sharding."""
+  import jax.numpy as jnp
+  extra = target.shape[axis] - x.shape[axis]
+  fill = jnp.repeat(jnp.mean(x.astype(jnp.float32), axis=axis, keepdims=True), extra, axis=axis)
+  out = jnp.concatenate([x.astype(jnp.float32), fill], axis=axis).astype(target.dtype)
+  return jax.device_put(out, target.sharding)
+
+
+def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = True, step: int = -1,
+                   grow: bool = False) -> dict[str, PartialParams]:
   """wants: target group -> (source group, abstract tree of ShapeDtypeStructs with shardings).
 
-  Returns target group -> PartialParams of the leaves found in the source run with the same shape.
+  Returns target group -> PartialParams of the leaves found in the source run with the same shape (with `grow`,
+  also those larger along one axis, padded as the module docstring says).
   """
   d = _step_dir(workdir, step)
   state_md, frozen_md = _metadata(os.path.join(d, "state")), _metadata(os.path.join(d, "frozen"))
@@ -68,11 +90,20 @@ def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = 
     src = traverse_util.flatten_dict(tree[source])
     want = traverse_util.flatten_dict(abstract)
     hit = {k: v for k, v in want.items() if k in src and tuple(src[k].shape) == tuple(v.shape)}
+    grown = {k: _grown_axis(tuple(src[k].shape), tuple(v.shape)) for k, v in want.items()
+             if grow and k in src and k not in hit}
+    grown = {k: a for k, a in grown.items() if a is not None}
+    if grown:
+      logging.warning("init %s from %s/%s: %d leaves grown along one axis (source values + source mean): %s",
+                      target, d, source, len(grown), sorted("/".join(k) for k in grown))
+      replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      for k in grown:  # restored at the source shape on one device, padded after the restore
+        hit[k] = jax.ShapeDtypeStruct(tuple(src[k].shape), want[k].dtype, sharding=replicated)
     miss = sorted("/".join(k) for k in want if k not in hit)
     if miss:
       logging.warning("init %s from %s/%s: %d of %d leaves not in the source, kept fresh: %s", target, d, source,
                       len(miss), len(want), miss[:8])
-    plan[target] = (top, source, list(hit))
+    plan[target] = (top, source, list(hit), {k: (want[k], a) for k, a in grown.items()})
     sub = item.setdefault(top, {}).setdefault(source, {})
     sub_args = args.setdefault(top, {}).setdefault(source, {})
     for k, v in hit.items():
@@ -90,9 +121,9 @@ def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = 
     got = ocp.PyTreeCheckpointer().restore(
         os.path.join(d, name), args=ocp.args.PyTreeRestore(sub_item, restore_args=sub_args, partial_restore=True))
     restored[top] = got if top == "frozen" else got[top]
-  for target, (top, source, keys) in plan.items():
+  for target, (top, source, keys, grown) in plan.items():
     flat = traverse_util.flatten_dict(restored[top][source])
-    out[target] = PartialParams({k: flat[k] for k in keys})
+    out[target] = PartialParams({k: _grow(flat[k], *grown[k]) if k in grown else flat[k] for k in keys})
     logging.info("init %s from %s (%s/%s): %d leaves", target, d, top, source, len(keys))
   return out
 
@@ -106,7 +137,8 @@ def pretrained_from_runs(config: Any, models: Any, abstract: dict[str, Any]) -> 
   init = config.get("init_from")
   if init is not None and init.get("workdir"):
     wants = {g: (g, a) for g, a in abstract.items() if g != "reference" and jax.tree.leaves(a)}
-    out.update(restore_groups(init.workdir, wants, bool(init.get("ema", True)), int(init.get("step", -1))))
+    out.update(restore_groups(init.workdir, wants, bool(init.get("ema", True)), int(init.get("step", -1)),
+                              grow=bool(init.get("grow", False))))
   ref = config.get("reference")
   if ref is not None and "reference" in abstract:
     src = ref.get("init_from") or (init.get("workdir") if init is not None else "")

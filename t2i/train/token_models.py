@@ -108,7 +108,16 @@ def setup_tokenizer(config: Any, workdir: str) -> models_lib.Tokenizer:
     return _stub_tokenizer(config)
   from t2i.text.joint_vocab import JointVocab, train_text_tokenizer
   out = os.path.join(workdir, "tokenizer")
-  if not os.path.exists(os.path.join(out, "joint_vocab.json")):
+  init_vocab = os.path.join(os.path.expanduser((config.get("init_from") or {}).get("workdir", "") or "."),
+                            "tokenizer", "joint_vocab.json")
+  if not os.path.exists(os.path.join(out, "joint_vocab.json")) and os.path.exists(init_vocab):
+    # fine-tuning an LM run (e.g. multi-task SFT): its text BPE and codes, config.tokenizer.num_locations appended
+    src = JointVocab.from_folder(os.path.dirname(init_vocab))
+    locs = int(config.tokenizer.get("num_locations", src.num_locations))
+    if locs < src.num_locations:
+      raise ValueError(f"config.tokenizer.num_locations={locs} < {src.num_locations} of {init_vocab}")
+    JointVocab(src.text, src.num_image_codes, locs, src.image_shape).save(out)
+  elif not os.path.exists(os.path.join(out, "joint_vocab.json")):
     cfg = config.tokenizer
     if cfg.kind != "shapes":
       raise ValueError(f"config.tokenizer.kind={cfg.kind!r}: the tokens family trains its text BPE on 'shapes'")
@@ -157,8 +166,9 @@ def make_data_iterator(config: Any, tokenize: models_lib.Tokenizer, mesh: Any) -
   from t2i.train import token_data
   cfg = config.data.to_dict()
   kind = cfg.pop("name")
-  if kind != "vq_tokens":
-    raise ValueError(f"config.data.name={kind!r}: the LM stage of config.family='tokens' reads 'vq_tokens'")
+  if kind not in ("vq_tokens", "vq_tasks"):
+    raise ValueError(f"config.data.name={kind!r}: the LM stage of config.family='tokens' reads 'vq_tokens' or "
+                     "'vq_tasks'")
   cfg["data_dir"] = os.path.expanduser(cfg.get("data_dir") or "~/t2i_data")
   split, num = cfg.pop("shapes_split", "train"), cfg.pop("shapes_num", None)
   init = config.get("init_from") or {}
@@ -174,5 +184,10 @@ def make_data_iterator(config: Any, tokenize: models_lib.Tokenizer, mesh: Any) -
     from data_pipelines.tfds import shapes_bench
     real = "shapes_bench/" + shapes_bench.shapes_config(split, num, max(32, size)).name
     cfg["dataset"] = token_data.resolve(vq_run, real, ema, step)
+  if kind == "vq_tasks":  # multi-task SFT mixture: + the derived-task code sets (data_pipelines.token_tasks)
+    from data_pipelines import token_tasks
+    cfg = token_data.build_task_sets(cfg, vq_run, size, ema, step)
+    return token_tasks.make_train_iterator(ml_collections.ConfigDict(cfg), tokenize.vocab, int(config.batch_size),
+                                           mesh=mesh, seed=int(config.seed))
   return tokens.make_train_iterator(ml_collections.ConfigDict(cfg), tokenize.vocab, int(config.batch_size),
                                     mesh=mesh, seed=int(config.seed))

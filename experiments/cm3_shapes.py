@@ -32,8 +32,22 @@ def tiny_lm(hidden: int, layers: int, heads: int, max_length: int) -> ml_collect
       tie_word_embeddings=False, initializer_range=0.02))
 
 
+def add_retrieval(c: ml_collections.ConfigDict, k: int, max_length: int, prompt_length: int) -> None:
+  """CM3Leon retrieval augmentation: k documents retrieved by the dual-encoder run config.data.retrieval_workdir
+  (experiments/dual_encoder_shapes.py) are prepended to each training document and, at sampling, to the prompt."""
+  c.data.update(dict(retrieval_k=k, retrieval_workdir="workdirs/dual_encoder_shapes", retrieval_variants=4,
+                     retrieval_exclude_above=0.9, retrieval_dedupe_above=0.98, retrieval_query_dropout=0.2,
+                     retrieval_loss_weight=1.0, max_length=max_length))
+  c.lm.config.max_position_embeddings = max_length
+  c.tokenizer.max_length = prompt_length  # retrieved documents + prompt; + h*w codes <= max_length
+  c.sample.update(dict(retrieval_k=k, retrieval_exclude_above=None, retrieval_dedupe_above=0.98))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
+  if variant not in ("default", "smoke", "retrieval", "smoke_retrieval"):
+    raise ValueError(f"experiments/cm3_shapes.py: unknown variant {variant!r} (default, smoke, retrieval, "
+                     "smoke_retrieval)")
   c = vq_shapes.token_base_config()
   c.objective = "cm3"
   c.image_size = 32
@@ -61,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                "a small purple square", "two orange squares", "a red circle to the left of a blue triangle",
                "a purple triangle"],
       num_steps=0, guidance_scale=3.0, sampler="top_p", temperature=1.0, top_p=0.9, cd_alpha=0.1, cd_k=5, seed=0))
-  if variant == "smoke":
+  if variant.startswith("smoke"):
     common.smoke_schedule(c, total_steps=4, ckpt_every=2, sample_every=4, lr=3e-3, warmup_steps=0,
                           schedule="constant", weight_decay=0.0)
     c.init_from.workdir = ""  # the tests pass the smoke VQ run
@@ -71,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_length = 64
     c.sample.prompts = ["a red circle", "a blue square"]
     c.sample.guidance_scale = 2.0
-  elif variant != "default":
-    raise ValueError(f"experiments/cm3_shapes.py: unknown variant {variant!r} (default, smoke)")
+  if variant == "retrieval":  # 2 retrieved documents of ~80 tokens + the document
+    add_retrieval(c, k=2, max_length=256, prompt_length=192)
+  elif variant == "smoke_retrieval":  # the tests pass the smoke dual-encoder run
+    add_retrieval(c, k=1, max_length=96, prompt_length=80)
+    c.data.retrieval_workdir = ""
   return c

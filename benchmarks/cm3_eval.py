@@ -2,7 +2,7 @@
 settings, in one process; one JSON line per (workdir, retrieval, setting), also appended to --out.
 
   python -m benchmarks.cm3_eval --workdirs=W1,W2 [--settings=topp,topp_nocfg,cdk] [--retrieval=0,1,2]
-      [--num_per_family=20] [--seed=1234] [--guidance=G] [--out=scores.jsonl]
+      [--num_per_family=20] [--seed=1234] [--guidance=G] [--step=N] [--out=scores.jsonl]
 
 Settings: "topp" (top-p with the run's config.sample.top_p / temperature, CFG at --guidance, default the run's
 config.sample.guidance_scale, against the <mask> stream), "topp_nocfg" (top-p, guidance 1: no CFG stream),
@@ -11,7 +11,8 @@ config.sample.cd_alpha / cd_k / cd_sample; the guidance scale does not enter), "
 "g=<x>" (top-p with guidance x). Retrieval: number of retrieved documents prepended to each prompt (and to its CFG
 stream); -1 = the run's own config.sample.retrieval_k (0 for runs without a retriever). Image i of every setting
 uses seed --seed + i, so settings, retrieval counts and workdirs are compared on the same randomness. Rows carry
-per-family accuracy, overall accuracy, mean sharpness, the number of images and the wall time of the setting.
+per-family accuracy, overall accuracy, mean sharpness, the number of images, the wall time of the setting and
+retrieved_caption_exact (share of retrieved documents whose caption equals the prompt).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ _NUM = flags.DEFINE_integer("num_per_family", 20, "Eval prompts per family (6 fa
 _SEED = flags.DEFINE_integer("seed", 1234, "Prompt set seed and base sample seed.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "CFG scale (default: the run's config.sample.guidance_scale).")
 _BATCH = flags.DEFINE_integer("batch", 40, "Images per compiled call.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file too.")
 
 # setting -> (sampler, guidance: None = the run's / --guidance)
@@ -51,10 +53,10 @@ def parse_setting(setting: str, default_guidance: float) -> tuple[str, float]:
 
 
 def score_workdir(workdir: str, settings: Sequence[str], retrieval: Sequence[int], num_per_family: int, seed: int,
-                  guidance: float | None = None, batch: int = 40) -> list[dict]:
-  """One row per (retrieval count, setting) for a token-model workdir (see the module docstring)."""
+                  guidance: float | None = None, batch: int = 40, step: int | None = None) -> list[dict]:
+  """One row per (retrieval count, setting) for a token-model workdir at checkpoint `step` (None: latest)."""
   from t2i.sample import Sampler
-  s = Sampler(workdir)
+  s = Sampler(workdir, step=step)
   if s.config.objective != "cm3":
     raise ValueError(f"{workdir}: config.objective={s.config.objective!r}; benchmarks.cm3_eval scores 'cm3' runs "
                      "(use benchmarks.shapes_eval for diffusion / flow runs)")
@@ -66,13 +68,17 @@ def score_workdir(workdir: str, settings: Sequence[str], retrieval: Sequence[int
   try:
     for r in retrieval:
       s.tokenize = base_tok if r < 0 else base_tok.with_retrieval(int(r))
+      docs = s.tokenize.documents(prompts)
+      # share of retrieved documents whose caption is the prompt itself (None without retrieval)
+      exact = [c == p for p, d in zip(prompts, docs) for c, _ in d]
+      exact = round(sum(exact) / len(exact), 3) if exact else None
       for setting in settings:
         sampler, g = parse_setting(setting, g_run)
         t0 = time.perf_counter()
         summary = sample_and_score(s, prompts, seed, batch, negative_prompt="", num_steps=0, guidance_scale=g,
                                    sampler=sampler)
         rows.append({"workdir": workdir, "step": s.step, "setting": setting, "sampler": sampler, "guidance": g,
-                     "retrieval_k": s.tokenize.retrieval_k, **summary,
+                     "retrieval_k": s.tokenize.retrieval_k, "retrieved_caption_exact": exact, **summary,
                      "seconds": round(time.perf_counter() - t0, 1)})
   finally:
     s.tokenize = base_tok
@@ -89,7 +95,8 @@ def main(argv: Sequence[str]) -> None:
   except ValueError as e:
     raise app.UsageError(f"--retrieval: integers expected, got {_RETRIEVAL.value}") from e
   for wd in _WORKDIRS.value:
-    emit(score_workdir(wd, _SETTINGS.value, retrieval, _NUM.value, _SEED.value, _GUIDANCE.value, _BATCH.value),
+    emit(score_workdir(wd, _SETTINGS.value, retrieval, _NUM.value, _SEED.value, _GUIDANCE.value, _BATCH.value,
+                       _STEP.value),
          _OUT.value)
 
 

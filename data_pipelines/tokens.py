@@ -18,8 +18,10 @@ int [variants, k'] table of source rows built once by `t2i.retrieval.store.build
 near-duplicates excluded, de-duplicated, 20 % query-token dropout); one variant is picked per (seed, position) —
 are encoded as untransformed caption -> image documents and put in front of the (transformed) document with
 `t2i.retrieval.prepend_retrieved` (whole documents only; the lowest-ranked ones are dropped when the row would
-exceed `max_length`). Their tokens weigh `retrieval_loss_weight` in loss_mask. Order: global shuffle (reshuffled every epoch) -> repeat -> per-process
-stride shard -> documents -> batches -> global `jax.Array`s on the mesh.
+exceed `max_length`). Their tokens weigh `retrieval_loss_weight` in loss_mask.
+
+Order: global shuffle (reshuffled every epoch) -> repeat -> per-process stride shard -> documents -> batches ->
+global `jax.Array`s on the mesh.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ def runs(tmp_path_factory):
   data, vq, de, cm3 = (str(base / n) for n in ("data", "vq", "de", "cm3"))
   c = vq_shapes.get_config("smoke")
   c.data.data_dir = data
+  c.total_steps, c.ckpt_every, c.sample_every = 2, 2, 0  # only its codes are needed here
   train(c, vq)
   c = dual_encoder_shapes.get_config("smoke")
   c.data.data_dir = data
@@ -166,7 +167,7 @@ def test_retrieval_smoke_run_trains_and_samples(runs):
   assert imgs.shape == (2, 32, 32, 3) and np.isfinite(imgs).all()
 
 
-def test_cm3_eval_rows(runs):
+def test_cm3_eval_rows(runs, capsys):
   from benchmarks import cm3_eval
   rows = cm3_eval.score_workdir(runs["cm3"], ["topp", "topp_nocfg", "cdk"], [0, 1], num_per_family=1, seed=0,
                                 batch=6)
@@ -175,7 +176,23 @@ def test_cm3_eval_rows(runs):
   for r in rows:
     assert r["num"] == 6 and 0.0 <= r["overall"] <= 1.0 and len(r["per_family"]) == 6
     assert r["step"] == 4 and r["seconds"] >= 0
+    assert (r["retrieved_caption_exact"] is None) == (r["retrieval_k"] == 0)
   assert [r["guidance"] for r in rows[:3]] == [2.0, 1.0, 2.0] and rows[2]["sampler"] == "cd_k"
+  # The command line: one JSON line per (retrieval, setting), also appended to --out.
+  from absl import flags
+  out = str(runs["base"] / "scores.jsonl")
+  flags.FLAGS([  # the script's flags, parsed as its command line would be
+      "cm3_eval", f"--workdirs={runs['cm3']}", "--settings=cdk", "--retrieval=1", "--num_per_family=1", "--seed=0",
+      "--batch=6", "--step=4", f"--out={out}"])
+  try:
+    cm3_eval.main(["cm3_eval"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert line["setting"] == "cdk" and line["retrieval_k"] == 1 and line["num"] == 6
+  assert line["overall"] == rows[5]["overall"] and line["per_family"] == rows[5]["per_family"]  # same seeds
+  with open(out) as f:
+    assert json.loads(f.read().strip()) == line
   with pytest.raises(ValueError, match="unknown setting"):
     cm3_eval.parse_setting("beam", 3.0)
   assert cm3_eval.parse_setting("g=1.5", 3.0) == ("top_p", 1.5)

@@ -8,8 +8,9 @@ embedding = normalise(mean(normalised text, normalised image))) once and caches 
 
 Run:
   python -m launch.main --config=experiments/dual_encoder_shapes.py --workdir=workdirs/dual_encoder_shapes
-Expected: see docs/results.md (issue 4 section); the 150-step run of tests/test_retrieval.py reaches held-out
-text->image top-1 0.094 / top-5 0.297. Variant `:smoke` (tiny towers, 64 images, 4 steps) is used by the tests.
+Expected (measured with --config.total_steps=600, one shared CPU core, 2.8 min): held-out (256 pairs of another
+seed) text->image top-1 0.289 / top-5 0.652, image->text top-1 0.273 (chance 0.004); the 1500-step default has not
+been measured. Variant `:smoke` (tiny towers, 64 images, 4 steps) is used by the tests.
 """
 from __future__ import annotations
 

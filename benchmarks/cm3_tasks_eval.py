@@ -31,17 +31,21 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Token-LM train workdir (tokens family, LM stage).")
-_NUM = flags.DEFINE_integer("num", 64, "Held-out records per task.")
-_SEED = flags.DEFINE_integer("seed", 1000, "Generator seed of the held-out derived records.")
-_TASKS = flags.DEFINE_list("tasks", ["caption", "vqa", "edit", "ground"], "Tasks to score.")
-_SAMPLER = flags.DEFINE_enum("image_sampler", "top_p", ["top_p", "greedy"], "Image-token decoding.")
-_TOP_P = flags.DEFINE_float("top_p", 0.9, "Top-p of image sampling.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Temperature of image sampling.")
-_TEXT_TOKENS = flags.DEFINE_integer("max_text_tokens", 48, "Token budget of a generated caption / answer.")
-_BATCH = flags.DEFINE_integer("batch", 32, "Prompts per compiled call.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_OUT = flags.DEFINE_string("out", None, "Append the JSON line to this file too.")
+
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a script, so importing this module defines none)."""
+  flags.DEFINE_string("workdir", None, "Token-LM train workdir (tokens family, LM stage).")
+  flags.DEFINE_integer("num", 64, "Held-out records per task.")
+  flags.DEFINE_integer("seed", 1000, "Generator seed of the held-out derived records.")
+  flags.DEFINE_list("tasks", ["caption", "vqa", "edit", "ground"], "Tasks to score.")
+  flags.DEFINE_enum("image_sampler", "top_p", ["top_p", "greedy"], "Image-token decoding.")
+  flags.DEFINE_float("top_p", 0.9, "Top-p of image sampling.")
+  flags.DEFINE_float("temperature", 1.0, "Temperature of image sampling.")
+  flags.DEFINE_integer("max_text_tokens", 48, "Token budget of a generated caption / answer.")
+  flags.DEFINE_integer("batch", 32, "Prompts per compiled call.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_string("out", None, "Append the JSON line to this file too.")
+
 
 EVAL_TASKS = ("caption", "vqa", "edit", "ground")
 
@@ -179,16 +183,18 @@ def evaluate(workdir: str, num: int = 64, seed: int = 1000, tasks: Sequence[str]
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     raise app.UsageError("--workdir is required")
-  res = evaluate(_WORKDIR.value, _NUM.value, _SEED.value, _TASKS.value, _SAMPLER.value, _TOP_P.value,
-                 _TEMPERATURE.value, _TEXT_TOKENS.value, _BATCH.value, _STEP.value)
+  res = evaluate(f.workdir, f.num, f.seed, f.tasks, f.image_sampler, f.top_p, f.temperature, f.max_text_tokens,
+                 f.batch, f.step)
   line = json.dumps(res)
   print(line)
-  if _OUT.value:
-    with open(_OUT.value, "a") as f:
-      f.write(line + "\n")
+  if f.out:
+    with open(f.out, "a") as fh:
+      fh.write(line + "\n")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

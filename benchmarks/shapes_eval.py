@@ -10,16 +10,16 @@ so settings and workdirs are compared on the same noise. Scores: per-family accu
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from benchmarks.eval_common import emit, eval_prompt_texts, sample_and_score  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs to score.")
 _SETTINGS = flags.DEFINE_list("settings", ["plain"], "plain, neg, g=<guidance>.")
@@ -36,12 +36,10 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to score (default: t
 def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, seed: int, negative_prompt: str,
                   guidance: float | None = None, steps: int | None = None, batch: int = 40,
                   step: int | None = None) -> list[dict]:
-  from data_pipelines.shapes.evalset import eval_prompts
-  from t2i import evaluate
-  from t2i.sample import Sampler, sample_prompts
+  from t2i.sample import Sampler
   s = Sampler(workdir, step=step)
   cfg = s.config.sample
-  prompts = [p["prompt"] for p in eval_prompts(num_per_family, seed, None, int(s.config.image_size))]
+  prompts = eval_prompt_texts(num_per_family, seed, int(s.config.image_size))
   rows = []
   for setting in settings:
     g = float(cfg.guidance_scale if guidance is None else guidance)
@@ -52,10 +50,8 @@ def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, se
       g = float(setting[2:])
     elif setting != "plain":
       raise ValueError(f"--settings: unknown setting {setting!r} (plain, neg, g=<x>)")
-    with tempfile.TemporaryDirectory() as out:
-      sample_prompts(s, prompts, 1, seed, batch, out, negative_prompt=neg, num_steps=int(steps or cfg.num_steps),
-                     guidance_scale=g, sampler=cfg.get("sampler", "ddim"))
-      summary = evaluate.evaluate_dir(out)
+    summary = sample_and_score(s, prompts, seed, batch, negative_prompt=neg, num_steps=int(steps or cfg.num_steps),
+                               guidance_scale=g, sampler=cfg.get("sampler", "ddim"))
     rows.append({"workdir": workdir, "step": s.step, "setting": setting, "guidance": g, "negative_prompt": neg,
                  **summary})
   return rows
@@ -67,13 +63,8 @@ def main(argv: Sequence[str]) -> None:
   if not _WORKDIRS.value:
     raise app.UsageError("--workdirs is required")
   for wd in _WORKDIRS.value:
-    for row in score_workdir(wd, _SETTINGS.value, _NUM.value, _SEED.value, _NEG.value, _GUIDANCE.value,
-                             _STEPS.value, _BATCH.value, _STEP.value):
-      line = json.dumps(row)
-      print(line, flush=True)
-      if _OUT.value:
-        with open(_OUT.value, "a") as f:
-          f.write(line + "\n")
+    emit(score_workdir(wd, _SETTINGS.value, _NUM.value, _SEED.value, _NEG.value, _GUIDANCE.value, _STEPS.value,
+                       _BATCH.value, _STEP.value), _OUT.value)
 
 
 if __name__ == "__main__":

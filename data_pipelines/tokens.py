@@ -11,8 +11,17 @@ whole caption becomes the CM3 span (`<bos> <mask> <break> image... <eod> <infill
 stream of CFG); otherwise an image-first flip with probability `image_first` (Chameleon) and the CM3 transform
 with probability `cm3_rate` (`data_pipelines.cm3`: spans never cross <break>). A transformed document longer than
 `max_length` falls back to the untransformed one; an untransformed one that does not fit is an error. Documents
-are right-padded to `max_length` with <pad>. Order: global shuffle (reshuffled every epoch) -> repeat -> per-process
-stride shard -> documents -> batches -> global `jax.Array`s on the mesh.
+are right-padded to `max_length` with <pad>.
+
+Retrieval augmentation (`retrieval_k` > 0, CM3Leon): the document's retrieved neighbours — `neighbours[id]`, an
+int [variants, k'] table of source rows built once by `t2i.retrieval.store.build_neighbours` (self and
+near-duplicates excluded, de-duplicated, 20 % query-token dropout); one variant is picked per (seed, position) —
+are encoded as untransformed caption -> image documents and put in front of the (transformed) document with
+`t2i.retrieval.prepend_retrieved` (whole documents only; the lowest-ranked ones are dropped when the row would
+exceed `max_length`). Their tokens weigh `retrieval_loss_weight` in loss_mask.
+
+Order: global shuffle (reshuffled every epoch) -> repeat -> per-process stride shard -> documents -> batches ->
+global `jax.Array`s on the mesh.
 """
 from __future__ import annotations
 
@@ -39,6 +48,8 @@ def default_token_config() -> ml_collections.ConfigDict:
       "span_rate": 1.0,       # Poisson rate of the number of spans (at least 1)
       "max_span_len": 0,      # 0: unbounded
       "uncond_rate": 0.0,     # probability that the whole caption is the span (<mask> text stream for CFG)
+      "retrieval_k": 0,       # retrieved documents prepended to each document (0 = off; needs `neighbours`)
+      "retrieval_loss_weight": 1.0,  # loss_mask weight of the retrieved documents' tokens
       "seed": 0,
       "read_threads": 2,
       "prefetch_buffer_size": 32,
@@ -63,16 +74,51 @@ def document(caption: str, codes: np.ndarray, vocab: JointVocab, cfg: Any, rng: 
   return out if len(out) <= cfg.max_length else doc
 
 
-def _process(record: dict[str, Any], global_pos: int, cfg: Any, vocab: JointVocab) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng([cfg.seed, global_pos])
-  caption = record["caption"]
-  caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _codes(record: dict[str, Any], cfg: Any, vocab: JointVocab) -> np.ndarray:
   codes = np.asarray(record["codes"])
   if vocab.image_shape is not None and tuple(codes.shape) != tuple(vocab.image_shape):
     raise ValueError(f"dataset {cfg.dataset!r}: codes of shape {codes.shape}, the vocabulary expects "
                      f"{vocab.image_shape} (was the dataset built with another VQ run?)")
-  tokens, mask = cm3.pad_batch([document(caption, codes, vocab, cfg, rng)], cfg.max_length, vocab.special.pad)
-  return {"tokens": tokens[0], "loss_mask": mask[0]}
+  return codes
+
+
+def retrieved_rows(record_id: str, global_pos: int, cfg: Any, neighbours: Any) -> list[int]:
+  """Source rows of the record's first `retrieval_k` neighbours, best first: the variant (dropout draw) is chosen
+  by (seed, position), from a generator separate from the document's own randomness."""
+  if record_id not in neighbours:
+    raise KeyError(f"dataset {cfg.dataset!r}: record {record_id!r} has no entry in the retrieval neighbour table "
+                   "(built for another dataset?)")
+  table = np.asarray(neighbours[record_id])
+  if table.ndim != 2 or table.shape[1] < cfg.retrieval_k:
+    raise ValueError(f"config.data.retrieval_k={cfg.retrieval_k}: the neighbour table has shape {table.shape} "
+                     "([variants, k], k too small)")
+  v = int(np.random.default_rng([cfg.seed, global_pos, 1]).integers(table.shape[0]))
+  return [int(r) for r in table[v, :cfg.retrieval_k] if r >= 0]
+
+
+def _process(record: dict[str, Any], global_pos: int, cfg: Any, vocab: JointVocab, source: Any = None,
+             neighbours: Any = None) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng([cfg.seed, global_pos])
+  caption = _text(record["caption"])
+  doc = document(caption, _codes(record, cfg, vocab), vocab, cfg, rng)
+  if cfg.retrieval_k <= 0:
+    tokens, mask = cm3.pad_batch([doc], cfg.max_length, vocab.special.pad)
+    return {"tokens": tokens[0], "loss_mask": mask[0]}
+  from t2i.retrieval.augment import prepend_retrieved
+  sp = vocab.special
+  docs = []
+  for row in retrieved_rows(_text(record["id"]), global_pos, cfg, neighbours):
+    r = source[row]
+    docs.append(vocab.encode_document([_text(r["caption"]), _codes(r, cfg, vocab)]))
+  tokens, start = prepend_retrieved(doc, docs, cfg.max_length, sp.break_id, bos_id=sp.bos, eod_id=sp.eod,
+                                    pad_id=sp.pad)
+  mask = (tokens != sp.pad).astype(np.float32)
+  mask[:start] *= np.float32(cfg.retrieval_loss_weight)
+  return {"tokens": tokens, "loss_mask": mask}
 
 
 class TokenIterator:
@@ -102,8 +148,12 @@ class TokenIterator:
 def make_train_iterator(cfg: ml_collections.ConfigDict, vocab: JointVocab, global_batch_size: int,
                         mesh: jax.sharding.Mesh | None = None, seed: int | None = None,
                         process_index: int | None = None, process_count: int | None = None,
-                        source=None) -> TokenIterator:
-  """Infinite iterator of document batches for this process (`default_token_config()` keys; see module docstring)."""
+                        source=None, neighbours: Any = None) -> TokenIterator:
+  """Infinite iterator of document batches for this process (`default_token_config()` keys; see module docstring).
+
+  neighbours: record id -> int [variants, k >= retrieval_k] source rows of its retrieved documents (-1 = none);
+  required when cfg.retrieval_k > 0.
+  """
   from data_pipelines.pipeline import batch_sharding
   from data_pipelines.tfds import common
   full = default_token_config().to_dict()
@@ -120,8 +170,13 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, vocab: JointVocab, globa
   source = common.load_source(cfg.data_dir, cfg.dataset, cfg.split) if source is None else source
   if len(source) == 0:
     raise ValueError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty")
+  if cfg.retrieval_k < 0:
+    raise ValueError(f"config.data.retrieval_k={cfg.retrieval_k} must be >= 0")
+  if cfg.retrieval_k > 0 and neighbours is None:
+    raise ValueError(f"config.data.retrieval_k={cfg.retrieval_k}: no retrieval neighbour table was given (set "
+                     "config.data.retrieval_workdir to a dual-encoder run)")
   ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat(None)[pi::pc]
-  docs = ds.map_with_index(lambda pos, r: _process(r, pos * pc + pi, cfg, vocab))
+  docs = ds.map_with_index(lambda pos, r: _process(r, pos * pc + pi, cfg, vocab, source, neighbours))
   it_ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                  prefetch_buffer_size=cfg.prefetch_buffer_size))
   it_ds = it_ds.batch(global_batch_size // pc, drop_remainder=True)

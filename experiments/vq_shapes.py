@@ -12,6 +12,8 @@ Run:
 Expected (measured on 2 loaded CPU cores with --config.total_steps=600 --config.data.shapes_num=2000, stopped at
 step 321): train psnr 17.7 dB at step 50, 22.3 dB at 150, 24.5 dB at 200, ~27 dB at steps 300-320 (perplexity
 ~130 of 256 codes, ~85 % of codes used in a batch); reconstructions at step 300 keep shape, colour and position.
+A full --config.total_steps=600 run (10,000 images, 1 shared core, 12.5 min) ends at 28.8 dB (mean of steps
+591-600; 20.4 dB at 100, 24.8 at 200, 26.4 at 300), perplexity ~150, ~91 % of codes used in a batch.
 The full 3000-step default has not been measured yet. Variant `:smoke` (tiny VQ, 4x4 codes, 64 images, 6 steps)
 is used by the tests.
 """

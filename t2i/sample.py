@@ -25,6 +25,7 @@ from t2i import parallel
 from t2i.train import checkpoint as ckpt_lib
 from t2i.train import ema as ema_lib
 from t2i.train import family as family_lib
+from t2i.train import models as models_lib
 from t2i.train import objectives
 from t2i.train import optimizer as opt_lib
 from t2i.train import step as step_lib
@@ -80,7 +81,7 @@ class Sampler:
                guidance_scale: float = 4.0, sampler: str = "ddim") -> np.ndarray:
     """Images in [-1, 1], [n, H, W, 3]; image i starts from the noise of `PRNGKey(seeds[i])`."""
     ids = self.tokenize(prompts)
-    uncond = np.repeat(self.tokenize([negative_prompt]), len(prompts), 0)
+    uncond = models_lib.unconditional_ids(self.tokenize, prompts, negative_prompt)
     seeds = np.asarray(seeds, np.uint32)
     g = float(guidance_scale) if self.objective.static_guidance else jnp.float32(guidance_scale)
     out = self._fn(num_steps, sampler)(self.params, self.frozen, ids, uncond, seeds, g)

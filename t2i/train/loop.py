@@ -201,7 +201,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       return
     else:
       ids = tokenize(prompts)
-      uncond = np.repeat(tokenize([""]), len(prompts), 0)
+      uncond = models_lib.unconditional_ids(tokenize, prompts, "")
       g = config.sample.guidance_scale
       g = float(g) if objective.static_guidance else jnp.float32(g)
       imgs = sampler(params, frozen, ids, uncond, jax.random.PRNGKey(int(config.sample.get("seed", 0))), g)

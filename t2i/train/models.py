@@ -390,6 +390,15 @@ class Tokenizer:
     return self._fn(list(texts))
 
 
+def unconditional_ids(tokenize: Tokenizer, prompts: list[str], negative: str = "") -> np.ndarray:
+  """ids [n, L] of the CFG stream of `prompts`: `tokenize.unconditional(prompts, negative)` for tokenizers whose
+  unconditional prompt depends on the prompt (retrieval-augmented token models), else `negative` repeated."""
+  fn = getattr(tokenize, "unconditional", None)
+  if fn is not None:
+    return np.asarray(fn(list(prompts), negative))
+  return np.repeat(tokenize([negative]), len(prompts), 0)
+
+
 def setup_tokenizer(config: Any, workdir: str) -> Tokenizer:
   """Creates (or reuses) `workdir/tokenizer/` from config.tokenizer and returns texts -> int32 [n, L]."""
   out_dir = os.path.join(workdir, "tokenizer")

@@ -12,7 +12,8 @@ guidance-embedded student regresses the CFG output of the frozen "reference" tea
 rejected / the opponent's sample; the frozen "reference" group is the DPO reference or the SPIN opponent), and
 for the "tokens" family (`t2i.train.token_models`): "vq" (VQ-VAE image tokenizer; dead-code restarts as its
 post_update; validation writes reconstructions) and "cm3" (CM3 next-token NLL + z-loss on token documents; the
-sampler decodes image codes with `t2i.sampling.ar` and the frozen VQ decoder).
+sampler decodes image codes with `t2i.sampling.ar` and the frozen VQ decoder) and "contrastive" (the retrieval
+dual encoder, InfoNCE with query-token dropout).
 A new method registers its functions here (and adds an experiment file); it does not add a loop.
 """
 from __future__ import annotations
@@ -264,6 +265,17 @@ def cm3_loss(params, frozen, batch, rng, models):
   return cm3_lm_loss(logits, targets, mask, z_loss_weight=float(models.config.cm3.get("z_loss_weight", 0.0)))
 
 
+def contrastive_loss(params, frozen, batch, rng, models):
+  """Dual encoder (retriever stage of the tokens family): symmetric InfoNCE over the batch's image-caption pairs
+  (`t2i.retrieval.contrastive_loss`), the caption (query) side with config.dual_encoder_train.query_dropout
+  token dropout (default 0.2, CM3Leon)."""
+  from t2i.retrieval import dual_encoder
+  del frozen
+  rate = float((models.config.get("dual_encoder_train") or {}).get("query_dropout", 0.2))
+  return dual_encoder.contrastive_loss(params["dual_encoder"], {"images": batch["image"], "ids": batch["input_ids"]},
+                                       rng, models.dual_encoder, query_dropout=rate)
+
+
 AR_SAMPLERS = {"top_p": "sample", "greedy": "greedy", "cd_k": "cd_k"}
 
 
@@ -314,6 +326,7 @@ OBJECTIVES: dict[str, Objective] = {
     "flow_spin": Objective(loss=lambda *a: flow_pair_loss(*a, spin=True), sample=flow_sample, pair=True),
     "vq": Objective(loss=vq_loss, post_update=vq_restart, reconstruct=vq_reconstruct),
     "cm3": Objective(loss=cm3_loss, sample=cm3_sample, static_guidance=True),
+    "contrastive": Objective(loss=contrastive_loss),
 }
 
 

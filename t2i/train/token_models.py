@@ -1,14 +1,18 @@
 """The "tokens" model family (config.family = "tokens"): a VQ image tokenizer (param group "vq") and an
 autoregressive token LM over a joint text + image-code vocabulary (group "lm"), CM3Leon / Chameleon style.
 
-Two stages, one loop (`t2i.train.loop.train`), each an experiment file:
+Three stages, one loop (`t2i.train.loop.train`), each an experiment file:
   VQ stage  (config.lm = None, objective "vq"): group "vq" trains on images (config.data as for the t2i family,
             e.g. name="shapes"); batch {"image" [B, S, S, 3]}.
   LM stage  (config.lm set, objective "cm3"): group "lm" trains, group "vq" is frozen and read from the VQ run
             (config.init_from.workdir: every group is read from the same-named group of that run, see
             `t2i.train.init_from`); data name="vq_tokens": the VQ run encodes a shapes-bench split once
             (`t2i.train.token_data`) and `data_pipelines.tokens` builds CM3 documents; batch {"tokens", "loss_mask"}
-            [B, config.data.max_length].
+            [B, config.data.max_length]. With config.data.retrieval_k > 0 each document gets its retrieved
+            neighbours prepended (`t2i.retrieval.store`, config.data.retrieval_workdir = a dual-encoder run).
+  Retriever (config.dual_encoder set, objective "contrastive"): group "dual_encoder" (`t2i.retrieval.DualEncoder`)
+            trains on image-caption pairs of the t2i image pipeline (batch {"image", "input_ids"}; captions by a
+            CLIP-format BPE written to workdir/tokenizer/, config.tokenizer.kind="shapes").
 
 config.vq / config.lm: module entries as in `t2i.train.models` (t2i.models.vq.VQModel /
 t2i.models.transformer.Transformer; lm vocab_size=-1 takes the joint vocabulary's size).
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,23 +38,69 @@ from t2i.train import models as models_lib
 
 
 class PromptTokenizer(models_lib.Tokenizer):
-  """texts -> int32 [n, P] left-padded `<bos> text <break> <image_start>` (text cut to P - 3 tokens; "" -> <mask>)."""
+  """texts -> int32 [n, P] left-padded `<bos> text <break> <image_start>` (text cut to P - 3 tokens; "" -> <mask>).
 
-  def __init__(self, vocab: Any, length: int):
+  With `retrieval_k` > 0 (CM3Leon at inference) each prompt's text queries `retriever()` (a
+  `t2i.retrieval.store.TextRetriever`, built on first use) and its best documents are prepended whole
+  (`prepend_retrieved`, within P tokens); `unconditional(texts)` gives the <mask> prompts with the same documents.
+  """
+
+  def __init__(self, vocab: Any, length: int, retriever: Callable[[], Any] | None = None, retrieval_k: int = 0):
     if length < 4:
       raise ValueError(f"config.tokenizer.max_length={length}: the prompt needs at least 4 tokens")
     self.vocab = vocab
     self.length = int(length)
+    self._make_retriever, self._retriever = retriever, None
+    self.retrieval_k = 0
+    self._set_k(retrieval_k)
     super().__init__(self._encode, vocab.size, vocab.special.eod)
 
-  def prompt(self, text: str) -> list[int]:
+  def _set_k(self, k: int) -> None:
+    if k < 0:
+      raise ValueError(f"retrieval_k={k} must be >= 0")
+    if k > 0 and self._make_retriever is None:
+      raise ValueError(f"retrieval_k={k}: the run has no retriever (config.data.retrieval_workdir is empty)")
+    self.retrieval_k = int(k)
+
+  def with_retrieval(self, k: int) -> "PromptTokenizer":
+    """A copy prepending k retrieved documents (0 = none); shares the retriever."""
+    out = PromptTokenizer(self.vocab, self.length, self._make_retriever, k)
+    out._retriever = self._retriever  # pylint: disable=protected-access
+    return out
+
+  def retriever(self) -> Any:
+    if self._retriever is None:
+      self._retriever = self._make_retriever()
+    return self._retriever
+
+  def prompt(self, text: str, docs: Sequence[tuple[str, Any]] = ()) -> list[int]:
+    """Prompt ids for `text` after the given (caption, codes) documents (dropped from the end if P is short)."""
     sp = self.vocab.special
     body = self.vocab.encode_text(text)[:self.length - 3] if text else [sp.mask]
-    return [sp.bos, *body, sp.break_id, sp.image_start]
+    ids = [sp.bos, *body, sp.break_id, sp.image_start]
+    if not docs:
+      return ids
+    from t2i.retrieval.augment import prepend_retrieved
+    ids, _ = prepend_retrieved(ids, [self.vocab.encode_document([c, np.asarray(x)]) for c, x in docs], self.length,
+                               sp.break_id, bos_id=sp.bos, eod_id=sp.eod)
+    return ids.tolist()
+
+  def documents(self, texts: Sequence[str]) -> list[list[tuple[str, Any]]]:
+    """The retrieved (caption, codes) documents of each text (empty lists when retrieval_k = 0)."""
+    if self.retrieval_k == 0:
+      return [[] for _ in texts]
+    return self.retriever().documents(list(texts), self.retrieval_k)
 
   def _encode(self, texts: list[str]) -> np.ndarray:
     from t2i.sampling.ar import left_pad
-    return left_pad([self.prompt(t) for t in texts], self.vocab.special.pad, self.length)[0]
+    docs = self.documents(texts)
+    return left_pad([self.prompt(t, d) for t, d in zip(texts, docs)], self.vocab.special.pad, self.length)[0]
+
+  def unconditional(self, texts: Sequence[str], negative: str = "") -> np.ndarray:
+    """The CFG stream of `texts`: `negative` ("" -> <mask>) after the documents retrieved for each text."""
+    from t2i.sampling.ar import left_pad
+    docs = self.documents(texts)
+    return left_pad([self.prompt(negative, d) for d in docs], self.vocab.special.pad, self.length)[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,6 +136,59 @@ class TokenModels:
     return jax.vmap(jax.random.PRNGKey)(seeds)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DualEncoderModels:
+  """The retriever stage of the tokens family: one trainable group "dual_encoder" (no sampler)."""
+  dual_encoder: nn.Module
+  trainable: tuple[str, ...]
+  image_size: int
+  max_length: int                 # caption length (config.tokenizer.max_length)
+  config: Any
+
+  def init_fns(self) -> dict[str, Callable[[jax.Array], Any]]:
+    s, n = self.image_size, self.max_length
+    return {"dual_encoder": lambda rng: self.dual_encoder.init(rng, jnp.zeros((1, s, s, 3), jnp.float32),
+                                                               jnp.zeros((1, n), jnp.int32))["params"]}
+
+  def batch_shapes(self, batch_size: int, pair: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
+    if pair:
+      raise ValueError("config.objective: pair objectives are not defined for a dual encoder")
+    s = self.image_size
+    return {"image": ((batch_size, s, s, 3), jnp.float32), "input_ids": ((batch_size, self.max_length), jnp.int32)}
+
+  def noise(self, seeds: jax.Array) -> jax.Array:
+    raise ValueError("config.objective='contrastive': a dual encoder has no sampler")
+
+
+class CaptionTokenizer(models_lib.Tokenizer):
+  """The dual encoder's caption tokenizer (CLIP-format BPE in workdir/tokenizer/) with its bos / eos / pad ids."""
+
+  def __init__(self, folder: str, length: int):
+    from transformers import CLIPTokenizer
+    from t2i.text.tokenizer import tokenize
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"{folder}: no caption tokenizer (a dual-encoder train run writes it)")
+    tok = CLIPTokenizer.from_pretrained(folder)
+    self.bos_token_id, self.pad_token_id = int(tok.bos_token_id), int(tok.pad_token_id)
+    self.length = int(length)
+    super().__init__(lambda texts: np.asarray(tokenize(tok, texts, self.length), np.int32), len(tok),
+                     tok.eos_token_id)
+
+
+def build_dual_encoder(config: Any, tokenize: Any) -> nn.Module:
+  """config.dual_encoder's module with the caption tokenizer's vocabulary size and special ids filled in."""
+  for key in ("bos_token_id", "pad_token_id"):
+    if not hasattr(tokenize, key):
+      raise ValueError("config.dual_encoder: needs the caption tokenizer (token_models.CaptionTokenizer)")
+  return models_lib.build_module(config.dual_encoder, "dual_encoder", {
+      "vocab_size": tokenize.vocab_size, "bos_id": tokenize.bos_token_id, "eos_id": tokenize.eos_token_id,
+      "pad_id": tokenize.pad_token_id, "max_length": int(config.tokenizer.max_length)})
+
+
+def _is_retriever(config: Any) -> bool:
+  return config.get("dual_encoder") is not None
+
+
 def _vq_module(config: Any) -> tuple[nn.Module, tuple[int, int]]:
   if config.get("vq") is None:
     raise ValueError("config.vq: missing (config.family='tokens' needs a VQ tokenizer entry)")
@@ -104,6 +207,15 @@ def _stub_tokenizer(config: Any) -> models_lib.Tokenizer:
 
 def setup_tokenizer(config: Any, workdir: str) -> models_lib.Tokenizer:
   """Writes workdir/tokenizer/ (text BPE + joint vocabulary) on first use (LM stage); returns `load_tokenizer`."""
+  if _is_retriever(config):
+    folder = os.path.join(workdir, "tokenizer")
+    if not os.path.isdir(folder) or not os.listdir(folder):
+      if config.tokenizer.kind != "shapes":
+        raise ValueError(f"config.tokenizer.kind={config.tokenizer.kind!r}: the dual encoder trains its caption "
+                         "BPE on 'shapes'")
+      from t2i.text.tokenizer import build_clip_tokenizer, default_shapes_corpus
+      build_clip_tokenizer(default_shapes_corpus(), folder)
+    return load_tokenizer(config, workdir)
   if config.get("lm") is None:
     return _stub_tokenizer(config)
   from t2i.text.joint_vocab import JointVocab, train_text_tokenizer
@@ -129,16 +241,103 @@ def setup_tokenizer(config: Any, workdir: str) -> models_lib.Tokenizer:
 
 
 def load_tokenizer(config: Any, workdir: str) -> models_lib.Tokenizer:
+  if _is_retriever(config):
+    return CaptionTokenizer(os.path.join(workdir, "tokenizer"), int(config.tokenizer.max_length))
   if config.get("lm") is None:
     return _stub_tokenizer(config)
   from t2i.text.joint_vocab import JointVocab
   folder = os.path.join(workdir, "tokenizer")
   if not os.path.exists(os.path.join(folder, "joint_vocab.json")):
     raise FileNotFoundError(f"{folder}/joint_vocab.json: no joint vocabulary (a train run writes it)")
-  return PromptTokenizer(JointVocab.from_folder(folder), int(config.tokenizer.max_length))
+  vocab = JointVocab.from_folder(folder)
+  retriever = None
+  if retrieval_settings(config)["retrieval_workdir"]:
+    retriever = lambda: text_retriever(config, vocab)
+  k = int(config.sample.get("retrieval_k", -1)) if config.get("sample") is not None else -1
+  k = int(config.data.get("retrieval_k", 0)) if k < 0 else k
+  return PromptTokenizer(vocab, int(config.tokenizer.max_length), retriever, k)
 
 
-def build_models(config: Any, tokenize: models_lib.Tokenizer) -> TokenModels:
+# config.data keys of the retriever (popped before the document pipeline sees config.data)
+RETRIEVAL_DEFAULTS = dict(retrieval_workdir="", retrieval_variants=4, retrieval_exclude_above=0.9,
+                          retrieval_dedupe_above=0.98, retrieval_query_dropout=0.2)
+
+
+def retrieval_settings(config: Any) -> dict[str, Any]:
+  data = config.data.to_dict() if config.get("data") is not None else {}
+  return {k: data.get(k, d) for k, d in RETRIEVAL_DEFAULTS.items()}
+
+
+def _datasets(config: Any) -> tuple[str, str, str, str, bool, int]:
+  """(data_dir, source shapes-bench dataset, VQ run, its code dataset name, ema, step) of the LM stage."""
+  from data_pipelines.tfds import shapes_bench
+  from t2i.train import token_data
+  data = config.data
+  data_dir = os.path.expanduser(data.get("data_dir") or "~/t2i_data")
+  init = config.get("init_from") or {}
+  vq_run = data.get("vq_workdir", "") or init.get("workdir", "")
+  if not vq_run:
+    raise ValueError("config.data.vq_workdir / config.init_from.workdir: set the VQ run whose codes to train on")
+  size = int(config.image_size)
+  real = "shapes_bench/" + shapes_bench.shapes_config(data.get("shapes_split", "train"), data.get("shapes_num"),
+                                                      max(32, size)).name
+  ema, step = bool(init.get("ema", True)), int(init.get("step", -1))
+  return data_dir, real, vq_run, token_data.resolve(vq_run, real, ema, step), ema, step
+
+
+def text_retriever(config: Any, vocab: Any) -> Any:
+  """The sampling-time `TextRetriever` of an LM run: index over its training documents (built if missing),
+  documents from its code dataset; thresholds config.sample.retrieval_exclude_above (default None: the prompt is
+  not a training document) and retrieval_dedupe_above (default config.data's)."""
+  from data_pipelines.tfds import common
+  from t2i.retrieval import store
+  r = retrieval_settings(config)
+  data_dir, real, _, tokens_ds, _, _ = _datasets(config)
+  index = store.build_document_index(r["retrieval_workdir"], data_dir, real, max(32, int(config.image_size)))
+  src = common.load_source(data_dir, tokens_ds, "train")
+  docs = {}
+  for i in range(len(src)):
+    rec = src[i]
+    docs[common.text(rec["id"])] = (common.text(rec["caption"]), np.asarray(rec["codes"]))
+  sample = config.get("sample") or {}
+  return store.TextRetriever(r["retrieval_workdir"], index, docs,
+                             exclude_above=sample.get("retrieval_exclude_above", None),
+                             dedupe_above=sample.get("retrieval_dedupe_above", r["retrieval_dedupe_above"]))
+
+
+def training_neighbours(config: Any, real: str, tokens_ds: str) -> dict[str, np.ndarray]:
+  """Record id of the code dataset -> int [variants, k] code-dataset rows of its retrieved documents (built once,
+  cached under data_dir; see `t2i.retrieval.store`)."""
+  from data_pipelines.tfds import common
+  from t2i.retrieval import store
+  r = retrieval_settings(config)
+  k = int(config.data.retrieval_k)
+  if not r["retrieval_workdir"]:
+    raise ValueError(f"config.data.retrieval_k={k}: set config.data.retrieval_workdir to a dual-encoder run "
+                     "(experiments/dual_encoder_shapes.py)")
+  data_dir = os.path.expanduser(config.data.get("data_dir") or "~/t2i_data")
+  index = store.build_document_index(r["retrieval_workdir"], data_dir, real, max(32, int(config.image_size)))
+  table = store.build_neighbours(index, r["retrieval_workdir"], k, int(r["retrieval_variants"]),
+                                 r["retrieval_exclude_above"], r["retrieval_dedupe_above"],
+                                 float(r["retrieval_query_dropout"]))
+  with np.load(index) as f:
+    index_ids = [str(i) for i in f["ids"]]
+  src = common.load_source(data_dir, tokens_ds, "train")
+  row_of = {common.text(src[i]["id"]): i for i in range(len(src))}
+  missing = [i for i in index_ids if i not in row_of]
+  if missing:
+    raise ValueError(f"{index}: documents such as {missing[:3]} are missing from {tokens_ds}")
+  to_row = np.asarray([row_of[i] for i in index_ids] + [-1], np.int64)  # index row -> code row; -1 stays -1
+  return {i: to_row[table[j]] for j, i in enumerate(index_ids)}
+
+
+def build_models(config: Any, tokenize: models_lib.Tokenizer) -> TokenModels | DualEncoderModels:
+  if _is_retriever(config):
+    if config.objective != "contrastive":
+      raise ValueError(f"config.objective={config.objective!r}: a config.dual_encoder run trains 'contrastive'")
+    return DualEncoderModels(dual_encoder=build_dual_encoder(config, tokenize), trainable=("dual_encoder",),
+                             image_size=int(config.image_size), max_length=int(config.tokenizer.max_length),
+                             config=config)
   vq, shape = _vq_module(config)
   lm, vocab, seq = None, None, 0
   if config.get("lm") is not None:
@@ -158,13 +357,16 @@ def build_models(config: Any, tokenize: models_lib.Tokenizer) -> TokenModels:
 
 
 def make_data_iterator(config: Any, tokenize: models_lib.Tokenizer, mesh: Any) -> Any:
-  """VQ stage: the t2i image pipeline (config.data.name "shapes" / "tfds" / "toy"); LM stage: name="vq_tokens"."""
+  """VQ and retriever stages: the t2i image pipeline (config.data.name "shapes" / "tfds" / "toy"); LM stage:
+  name="vq_tokens"."""
   if config.get("lm") is None:
     from t2i.train import loop
     return loop.make_data_iterator(config, tokenize, mesh)
   from data_pipelines import pipeline, tokens
   from t2i.train import token_data
   cfg = config.data.to_dict()
+  for key in RETRIEVAL_DEFAULTS:
+    cfg.pop(key, None)
   kind = cfg.pop("name")
   if kind not in ("vq_tokens", "vq_tasks"):
     raise ValueError(f"config.data.name={kind!r}: the LM stage of config.family='tokens' reads 'vq_tokens' or "
@@ -189,5 +391,6 @@ def make_data_iterator(config: Any, tokenize: models_lib.Tokenizer, mesh: Any) -
     cfg = token_data.build_task_sets(cfg, vq_run, size, ema, step)
     return token_tasks.make_train_iterator(ml_collections.ConfigDict(cfg), tokenize.vocab, int(config.batch_size),
                                            mesh=mesh, seed=int(config.seed))
+  neighbours = training_neighbours(config, real, cfg["dataset"]) if int(cfg.get("retrieval_k", 0)) > 0 else None
   return tokens.make_train_iterator(ml_collections.ConfigDict(cfg), tokenize.vocab, int(config.batch_size),
-                                    mesh=mesh, seed=int(config.seed))
+                                    mesh=mesh, seed=int(config.seed), neighbours=neighbours)

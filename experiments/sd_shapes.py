@@ -8,7 +8,9 @@ Run (what `make demo` does; about 14 minutes on 2 CPU cores, install included):
   python -m launch.main --config=experiments/sd_shapes.py --workdir=workdirs/sd_shapes
   python -m t2i.sample --workdir=workdirs/sd_shapes --prompt="a large red circle" --num=8 --out=out
   python -m t2i.evaluate --samples=out
-Expected: see docs/results.md for the measured shapes-bench scores of this config and of `:long`.
+Expected (docs/results.md, 120 prompts): overall 0.07-0.10, single 0.10 (goal 0.8: not reached); `:long` (6,000
+steps, 39 min on one core) overall 0.25, single 0.15, two objects 0.15, position 0.30 (goal 0.95 / 0.6 / 0.4: not
+reached).
 Variants: `:long` (4x the steps); `:latent` (tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent`
 (stand-in toy models and toy data, a few steps; used by the tests to exercise the loop quickly).
 """

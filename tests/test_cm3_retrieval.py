@@ -10,11 +10,7 @@ import pytest
 
 from experiments import cm3_shapes, dual_encoder_shapes, vq_shapes
 from t2i.train.loop import train
-
-
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+from tests.test_ar_train import _metrics
 
 
 @pytest.fixture(scope="module")

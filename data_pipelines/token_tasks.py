@@ -183,21 +183,11 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, vocab: JointVocab, globa
   cfg: `default_task_config()` keys. `sources` (tests): task -> random-access records in the stored layout,
   instead of reading cfg.dataset / cfg.task_datasets.
   """
-  from data_pipelines.pipeline import batch_sharding
+  from data_pipelines import tokens
   from data_pipelines.tfds import common
-  from data_pipelines.tokens import TokenIterator
-  full = default_task_config().to_dict()
-  unknown = sorted(set(cfg.to_dict()) - set(full))
-  if unknown:
-    raise ValueError(f"config.data: unknown keys {unknown} for the task mixture (known: {sorted(full)})")
-  full.update(cfg.to_dict())
-  cfg = ml_collections.ConfigDict(full)
-  cfg.seed = cfg.seed if seed is None else seed
+  cfg, pi, pc = tokens.resolve_config(cfg, default_task_config(), "the task mixture", global_batch_size, seed,
+                                      process_index, process_count)
   weights = parse_tasks(cfg.tasks)
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  if global_batch_size <= 0 or global_batch_size % pc:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the process count {pc}")
   if sources is None:
     sets, sources = dict(cfg.task_datasets), {}
     for task in weights:
@@ -219,7 +209,4 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, vocab: JointVocab, globa
       raise ValueError(f"config.data: the {task!r} records are empty")
   ds = grain.MapDataset.range(0, 2**62)[pi::pc]   # global document positions of this process
   docs = ds.map(lambda pos: _process(int(pos), cfg, weights, sources, vocab))
-  it_ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                                 prefetch_buffer_size=cfg.prefetch_buffer_size))
-  it_ds = it_ds.batch(global_batch_size // pc, drop_remainder=True)
-  return TokenIterator(iter(it_ds), batch_sharding(mesh) if mesh is not None else None)
+  return tokens.batch_documents(docs, cfg, global_batch_size // pc, mesh)

@@ -145,6 +145,34 @@ class TokenIterator:
     self._parent.set_state(state)
 
 
+def resolve_config(cfg: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, what: str,
+                   global_batch_size: int, seed: int | None, process_index: int | None, process_count: int | None
+                   ) -> tuple[ml_collections.ConfigDict, int, int]:
+  """(defaults updated by cfg, process index, process count); unknown keys and a bad batch size are errors."""
+  full = defaults.to_dict()
+  unknown = sorted(set(cfg.to_dict()) - set(full))
+  if unknown:
+    raise ValueError(f"config.data: unknown keys {unknown} for {what} (known: {sorted(full)})")
+  full.update(cfg.to_dict())
+  cfg = ml_collections.ConfigDict(full)
+  cfg.seed = cfg.seed if seed is None else seed
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if global_batch_size <= 0 or global_batch_size % pc:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the process count {pc}")
+  return cfg, pi, pc
+
+
+def batch_documents(docs: grain.MapDataset, cfg: Any, local_batch_size: int,
+                    mesh: jax.sharding.Mesh | None) -> TokenIterator:
+  """Threaded reading of this process's documents, batched, as global arrays on `mesh` (numpy without one)."""
+  from data_pipelines.pipeline import batch_sharding
+  it_ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                 prefetch_buffer_size=cfg.prefetch_buffer_size))
+  it_ds = it_ds.batch(local_batch_size, drop_remainder=True)
+  return TokenIterator(iter(it_ds), batch_sharding(mesh) if mesh is not None else None)
+
+
 def make_train_iterator(cfg: ml_collections.ConfigDict, vocab: JointVocab, global_batch_size: int,
                         mesh: jax.sharding.Mesh | None = None, seed: int | None = None,
                         process_index: int | None = None, process_count: int | None = None,
@@ -154,19 +182,10 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, vocab: JointVocab, globa
   neighbours: record id -> int [variants, k >= retrieval_k] source rows of its retrieved documents (-1 = none);
   required when cfg.retrieval_k > 0.
   """
-  from data_pipelines.pipeline import batch_sharding
   from data_pipelines.tfds import common
-  full = default_token_config().to_dict()
-  unknown = sorted(set(cfg.to_dict()) - set(full))
-  if unknown:
-    raise ValueError(f"config.data: unknown keys {unknown} for token data (known: {sorted(full)})")
-  full.update(cfg.to_dict())
-  cfg = ml_collections.ConfigDict(full)
-  cfg.seed = seed = cfg.seed if seed is None else seed
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  if global_batch_size <= 0 or global_batch_size % pc:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the process count {pc}")
+  cfg, pi, pc = resolve_config(cfg, default_token_config(), "token data", global_batch_size, seed, process_index,
+                               process_count)
+  seed = cfg.seed
   source = common.load_source(cfg.data_dir, cfg.dataset, cfg.split) if source is None else source
   if len(source) == 0:
     raise ValueError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty")
@@ -177,7 +196,4 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, vocab: JointVocab, globa
                      "config.data.retrieval_workdir to a dual-encoder run)")
   ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat(None)[pi::pc]
   docs = ds.map_with_index(lambda pos, r: _process(r, pos * pc + pi, cfg, vocab, source, neighbours))
-  it_ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                                 prefetch_buffer_size=cfg.prefetch_buffer_size))
-  it_ds = it_ds.batch(global_batch_size // pc, drop_remainder=True)
-  return TokenIterator(iter(it_ds), batch_sharding(mesh) if mesh is not None else None)
+  return batch_documents(docs, cfg, global_batch_size // pc, mesh)

@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.min_lr_ratio = 0.1
   c.ema = ml_collections.ConfigDict(dict(decay=0.995, every=1, warmup=True))
-  c.init_from = ml_collections.ConfigDict(dict(workdir="workdirs/vq_shapes", ema=True, step=-1))
+  c.init_from.workdir = "workdirs/vq_shapes"
   c.vq = vq_shapes.vq_module()          # must match the VQ run (checked against its checkpoint)
   c.lm = tiny_lm(128, 4, 4, 128)
   c.cm3 = ml_collections.ConfigDict(dict(z_loss_weight=1e-5))

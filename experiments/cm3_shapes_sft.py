@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         grad_clip=1.0)
   c.optimizer.b2 = 0.95
   c.optimizer.min_lr_ratio = 0.1
-  c.init_from = ml_collections.ConfigDict(dict(workdir="workdirs/cm3_shapes", ema=True, step=-1, grow=True))
+  c.init_from.update(workdir="workdirs/cm3_shapes", grow=True)
   c.tokenizer.num_locations = 32   # appended to the base run's vocabulary (token_models.setup_tokenizer)
   c.lm = cm3_shapes.tiny_lm(128, 4, 4, 160)
   # vq_workdir: "" = the init_from run (its frozen "vq" group: the same params as the VQ run).

@@ -20,7 +20,7 @@ from experiments import sd_shapes
 
 def preference_arm(c: ml_collections.ConfigDict, init_from: str, steps: int = 150) -> None:
   """Shared by the DPO / SPIN / continued-SFT arms: start point, steps, optimiser, EMA off, no dropout."""
-  c.init_from = ml_collections.ConfigDict(dict(workdir=init_from, ema=True, step=-1))
+  c.init_from.workdir = init_from
   c.total_steps = steps
   c.ckpt_every = steps
   c.sample_every = steps

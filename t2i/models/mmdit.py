@@ -37,12 +37,12 @@ import numpy as np
 
 from t2i.nn.attention import attention_weights, dot_product_attention
 from t2i.nn.embeddings import TimestepMLP
-from t2i.nn.layers import Dense, RMSNorm, constrain
+from t2i.nn.layers import Dense, RMSNorm, TOKEN_AXES, constrain
 from t2i.nn.rope import apply_rope, rope_frequencies
 
 Dtype = Any
 Freqs = tuple[jax.Array, jax.Array]
-TOKENS = ("batch", "length", "embed")
+TOKENS = TOKEN_AXES
 HIDDEN = ("batch", "length", "mlp")
 HEADS = ("batch", "length", "heads", "kv")
 

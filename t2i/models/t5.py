@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i.nn.layers import Dense, RMSNorm, constrain
+from t2i.nn.layers import Dense, RMSNorm, TOKEN_AXES, constrain
 
 Dtype = Any
-TOKEN_AXES = ("batch", "length", "embed")
 _NEG = -1e30
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

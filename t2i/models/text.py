@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from t2i.nn.attention import dot_product_attention
-from t2i.nn.layers import Dense, LayerNorm, constrain
+from t2i.nn.layers import Dense, LayerNorm, TOKEN_AXES, constrain
 
 Dtype = Any
-TOKEN_AXES = ("batch", "length", "embed")
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

@@ -33,11 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i.nn.attention import dot_product_attention
-from t2i.nn.layers import Dense, LayerNorm, RMSNorm, constrain
+from t2i.nn.layers import Dense, LayerNorm, RMSNorm, TOKEN_AXES, constrain
 
 Dtype = Any
 Cache = dict[str, Any]
-TOKEN_AXES = ("batch", "length", "embed")
 HEAD_AXES = ("batch", "length", "heads", "kv")
 NORM_ORDERS = ("pre", "swin")
 NORM_KINDS = ("rms", "layernorm_nonaffine")

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 
 from t2i.nn.attention import attention_weights, dot_product_attention
 from t2i.nn.embeddings import TimestepMLP, timestep_embedding
-from t2i.nn.layers import Conv, Dense, GroupNorm, LayerNorm, constrain
+from t2i.nn.layers import Conv, Dense, GroupNorm, IMAGE_AXES, LayerNorm, TOKEN_AXES, constrain
 
 Dtype = Any
-IMAGE = ("batch", "height", "width", "embed")
-TOKENS = ("batch", "length", "embed")
+IMAGE, TOKENS = IMAGE_AXES, TOKEN_AXES
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from t2i.nn.attention import dot_product_attention
-from t2i.nn.layers import Conv, Dense, GroupNorm, constrain
+from t2i.nn.layers import Conv, Dense, GroupNorm, IMAGE_AXES, constrain
 
 Dtype = Any
-IMAGE_AXES = ("batch", "height", "width", "embed")
 LOGVAR_RANGE = (-30.0, 20.0)  # clipping of diffusers' DiagonalGaussianDistribution
 _NORM_EPS = 1e-6
 

@@ -18,10 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t2i.nn.layers import Conv, GroupNorm, constrain
+from t2i.nn.layers import Conv, GroupNorm, IMAGE_AXES, constrain
 
 Dtype = Any
-IMAGE_AXES = ("batch", "height", "width", "embed")
 
 
 class ResBlock(nn.Module):

@@ -83,8 +83,10 @@ class Conv(nn.Module):
     )(x)
 
 
-# Logical axes GroupNorm pins on its input (by rank).
-_NORM_INPUT_AXES = {4: ("batch", "height", "width", "embed"), 3: ("batch", "length", "embed")}
+# Logical axes of the large activations: NHWC feature maps and token sequences.
+IMAGE_AXES = ("batch", "height", "width", "embed")
+TOKEN_AXES = ("batch", "length", "embed")
+_NORM_INPUT_AXES = {4: IMAGE_AXES, 3: TOKEN_AXES}  # what GroupNorm pins on its input, by rank
 
 
 class GroupNorm(nn.Module):

@@ -39,7 +39,7 @@ class ToyUNet(nn.Module):
     temb = layers.Dense(c, axes=("embed", "mlp"), **kw)(temb)
     ctx = layers.Dense(c, axes=("embed", "mlp"), **kw)(encoder_hidden_states.mean(1))
     h = layers.Conv(c, **kw)(x)
-    h = layers.constrain(h, ("batch", "height", "width", "embed"))
+    h = layers.constrain(h, layers.IMAGE_AXES)
     h = nn.silu(layers.GroupNorm(8, **kw)(h) + (temb + ctx)[:, None, None, :])
     h = layers.Conv(c, **kw)(h)
     h = nn.silu(layers.GroupNorm(8, **kw)(h))

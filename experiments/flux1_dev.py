@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion = None
   c.flow = ml_collections.ConfigDict(dict(t_sampler="logit_normal", logit_mean=0.0, logit_std=1.0, shift=True,
                                           base_shift=0.5, max_shift=1.15, train_guidance=1.0, cond_dropout=0.0,
-                                          loss_type="l2"))
+                                          loss_type="l2", sigma_data=0.0))  # > 0: x0-prediction with EDM's skip
   c.tokenizer = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=512, vocab_size=0))
   c.transformer = common.module_config("t2i.models.mmdit.FluxTransformer", preset="flux1_dev", dtype="bfloat16",
                                        param_dtype="float32", remat=True)

@@ -53,7 +53,7 @@ def flux_shapes_base() -> ml_collections.ConfigDict:
   c.diffusion = None
   c.flow = ml_collections.ConfigDict(dict(t_sampler="logit_normal", logit_mean=0.0, logit_std=1.0, shift=True,
                                           base_shift=0.5, max_shift=1.15, train_guidance=1.0, cond_dropout=0.1,
-                                          loss_type="l2"))
+                                          loss_type="l2", sigma_data=0.0))  # > 0: x0-prediction with EDM's skip
   c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=16, vocab_size=0))
   c.transformer = tiny_flux()
   tiny_text_encoders(c)

@@ -207,3 +207,58 @@ def test_diffusion_loss_gradient_and_shared_noise_pieces():
   errs = [D.per_example_error(D.add_noise(s, x, noise, t), D.target(s, x, noise, t), D.loss_weights(s, t))
           for x in (x0, x0.copy())]
   np.testing.assert_array_equal(np.asarray(errs[0]), np.asarray(errs[1]))
+
+
+def test_skip_preconditioning_at_known_points():
+  """c_skip / c_out from the EDM formulas at given alpha_bar; sigma_data = 1 is v-prediction (F = -v)."""
+  s = D.make_schedule("cosine")
+  ac = np.asarray(s.alphas_cumprod, np.float64)
+  x = np.linspace(-1, 1, 4 * 2 * 2 * 3).reshape(4, 2, 2, 3).astype(np.float32)
+  f = np.cos(np.arange(x.size)).reshape(x.shape).astype(np.float32)
+  t = np.array([0, 50, 400, 999], np.int32)
+  for sd in (0.2, 0.5):
+    out = np.asarray(D.skip_preconditioning(lambda x_, t_, c: jnp.asarray(f), s, sd)(jnp.asarray(x), t, None))
+    a, var = ac[t], 1 - ac[t]
+    sigma_ve = np.sqrt(var / a)                     # EDM's noise level of x_t / alpha
+    c_skip = sd ** 2 / (sigma_ve ** 2 + sd ** 2)    # EDM Table 1, applied to x_t / alpha
+    c_out = sigma_ve * sd / np.sqrt(sigma_ve ** 2 + sd ** 2)
+    want = (c_skip / np.sqrt(a))[:, None, None, None] * x + c_out[:, None, None, None] * f
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  # sigma_data = 1: x0 = alpha x_t - sigma v, i.e. the v-prediction conversion with F = -v.
+  x0, noise = np.random.default_rng(0).normal(size=(2,) + x.shape).astype(np.float32)
+  tt = jnp.asarray(t)
+  x_t = D.add_noise(s, jnp.asarray(x0), jnp.asarray(noise), tt)
+  v = D.velocity(s, jnp.asarray(x0), jnp.asarray(noise), tt)
+  got = D.skip_preconditioning(lambda x_, t_, c: -v, s, 1.0)(x_t, tt, None)
+  np.testing.assert_allclose(np.asarray(got), x0, rtol=1e-4, atol=1e-4)
+  # Fractional timesteps interpolate alpha_bar; bad sigma_data is refused.
+  half = D.skip_preconditioning(lambda x_, t_, c: jnp.zeros_like(x_), s, 0.5)(jnp.ones((1, 1)), jnp.array([50.5]), None)
+  lo, hi = [float(D.skip_preconditioning(lambda x_, t_, c: jnp.zeros_like(x_), s, 0.5)(
+      jnp.ones((1, 1)), jnp.array([k]), None)[0, 0]) for k in (50, 51)]
+  assert min(lo, hi) <= float(half[0, 0]) <= max(lo, hi)
+  with pytest.raises(ValueError, match="sigma_data"):
+    D.skip_preconditioning(lambda x_, t_, c: x_, s, 0.0)
+
+
+def test_denoise_fn_wires_skip_preconditioning():
+  """config.diffusion.sigma_data / config.flow.sigma_data wrap the denoiser; a U-Net needs prediction_type sample."""
+  import types
+  import ml_collections
+  from t2i.objectives import flow
+  from t2i.train.objectives import _denoise_fn
+  f = jnp.asarray(np.linspace(-1, 1, 12).reshape(1, 2, 2, 3), jnp.float32)
+  x = jnp.ones((1, 2, 2, 3)) * 0.3
+  def models(schedule, **cfg):
+    return types.SimpleNamespace(schedule=schedule, denoiser_name="unet", config=ml_collections.ConfigDict(cfg),
+                                 denoise=lambda p, x_, t_, c: f)
+  s = D.make_schedule("cosine")
+  t = jnp.array([300])
+  got = _denoise_fn({"unet": None}, models(s, diffusion=dict(prediction_type="sample", sigma_data=0.3)))(x, t, None)
+  np.testing.assert_allclose(got, D.skip_preconditioning(lambda *a: f, s, 0.3)(x, t, None))
+  plain = _denoise_fn({"unet": None}, models(s, diffusion=dict(prediction_type="sample", sigma_data=0.0)))(x, t, None)
+  np.testing.assert_array_equal(plain, f)
+  with pytest.raises(ValueError, match="prediction_type='sample'"):
+    _denoise_fn({"unet": None}, models(s, diffusion=dict(prediction_type="epsilon", sigma_data=0.3)))
+  tf = jnp.array([0.4])
+  got = _denoise_fn({"unet": None}, models(None, flow=dict(sigma_data=0.5)))(x, tf, None)
+  np.testing.assert_allclose(got, flow.skip_preconditioning(lambda *a: f, 0.5)(x, tf, None))

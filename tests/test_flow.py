@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t2i.objectives import flow
 from t2i.objectives.flow import (flow_loss, flux_mu, guidance_distillation_loss, interpolate, per_example_error,
                                  sample_noise_and_t, sample_t, time_shift, velocity_target)
 from t2i.sampling.flow import default_num_image_tokens, flux_schedule, sample, sample_jit
@@ -278,3 +279,28 @@ def test_sample_jit_traces_once():
   np.testing.assert_allclose(outs[1], sample(vel, shape, cond, uncond, jax.random.key(0), num_steps=6,
                                              guidance_scale=3.0, guidance_embed=2.0, num_image_tokens=64),
                              rtol=1e-6)
+
+
+def test_skip_preconditioning_velocity():
+  """The returned velocity is (x_t - x0_hat) / t with x0_hat = c_skip x_t + c_out F (EDM coefficients for
+  x_t / (1 - t)); a network predicting the right F gives the exact velocity; t = 0 stays finite."""
+  rng = np.random.default_rng(0)
+  x0, noise, f = rng.normal(size=(3, 4, 2, 2, 3)).astype(np.float32)
+  t = np.array([0.05, 0.3, 0.7, 0.98], np.float32)
+  x_t = np.asarray(flow.interpolate(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))
+  for sd in (0.2, 0.5, 1.0):
+    v = np.asarray(flow.skip_preconditioning(lambda x, tt, c: jnp.asarray(f), sd)(jnp.asarray(x_t), t, None))
+    tb = t[:, None, None, None].astype(np.float64)
+    s = tb / (1 - tb)                                   # EDM noise level of x_t / (1 - t)
+    c_skip, c_out = sd ** 2 / (s ** 2 + sd ** 2), s * sd / np.sqrt(s ** 2 + sd ** 2)
+    x0_hat = c_skip * x_t / (1 - tb) + c_out * f
+    np.testing.assert_allclose(v, (x_t - x0_hat) / tb, rtol=1e-4, atol=1e-4)
+    # The F that reproduces x0 gives the true velocity eps - x0.
+    f_star = (x0 - c_skip * x_t / (1 - tb)) / c_out
+    v_star = flow.skip_preconditioning(lambda x, tt, c: jnp.asarray(f_star, jnp.float32), sd)(
+        jnp.asarray(x_t), t, None)
+    np.testing.assert_allclose(np.asarray(v_star), noise - x0, rtol=1e-3, atol=1e-3)
+  v0 = flow.skip_preconditioning(lambda x, tt, c: jnp.asarray(f), 0.5)(jnp.asarray(x0), np.zeros(4, np.float32), None)
+  assert np.all(np.isfinite(np.asarray(v0)))
+  with pytest.raises(ValueError, match="sigma_data"):
+    flow.skip_preconditioning(lambda x, tt, c: x, -1.0)

@@ -119,6 +119,34 @@ def velocity(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Ar
           - _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
 
 
+def skip_preconditioning(denoise_fn: DenoiseFn, schedule: NoiseSchedule, sigma_data: float) -> DenoiseFn:
+  """x0-prediction with EDM's skip connection (Karras et al. 2022), written for the VP process.
+
+  The wrapped denoiser returns c_skip(t) x_t + c_out(t) F(x_t, t, cond), with alpha = sqrt(alpha_bar_t), sigma =
+  sqrt(1 - alpha_bar_t) and sd = sigma_data:
+    c_skip = sd^2 alpha / (sigma^2 + alpha^2 sd^2),   c_out = sigma sd / sqrt(sigma^2 + alpha^2 sd^2).
+  This is EDM's (c_skip, c_out) for x_t / alpha. At low noise the output is mostly the input, so the network only
+  corrects the noise; at high noise it is mostly F, plain x0-prediction. sigma_data = 1 gives v-prediction
+  (F = -v); sigma_data -> 0 gives plain x0-prediction. Use with prediction_type="sample": losses, weights and
+  samplers see the wrapped x0 prediction. Timesteps may be fractional (alpha_bar is interpolated).
+  """
+  sd = float(sigma_data)
+  if not sd > 0:
+    raise ValueError(f"sigma_data must be positive, got {sigma_data!r}")
+  grid = jnp.arange(schedule.num_train_timesteps, dtype=jnp.float32)
+
+  def wrapped(x: jax.Array, t: jax.Array, cond: PyTree) -> jax.Array:
+    ab = jnp.interp(jnp.asarray(t, jnp.float32), grid, schedule.alphas_cumprod.astype(jnp.float32))
+    ab = ab.reshape(ab.shape + (1,) * (x.ndim - ab.ndim))
+    alpha, var = jnp.sqrt(ab), 1.0 - ab
+    denom = var + ab * sd * sd
+    c_skip = sd * sd * alpha / denom
+    c_out = jnp.sqrt(var) * sd / jnp.sqrt(denom)
+    out = denoise_fn(x, t, cond)
+    return (c_skip * x.astype(jnp.float32) + c_out * out.astype(jnp.float32)).astype(out.dtype)
+  return wrapped
+
+
 def _check_prediction_type(prediction_type: str) -> None:
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")

@@ -31,7 +31,7 @@ TSampler = Callable[[jax.Array, int], jax.Array]
 T_KINDS = ("uniform", "logit_normal")
 
 __all__ = ["T_KINDS", "flux_mu", "time_shift", "sample_t", "sample_noise_and_t", "interpolate", "velocity_target",
-           "per_example_error", "flow_loss", "concat_uncond_cond", "guidance_distillation_loss"]
+           "per_example_error", "skip_preconditioning", "flow_loss", "concat_uncond_cond", "guidance_distillation_loss"]
 
 
 def flux_mu(num_image_tokens: Any, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
@@ -90,6 +90,29 @@ def sample_noise_and_t(rng: jax.Array, shape: tuple[int, ...], t_sampler: str | 
 def _bcast(t: jax.Array, like: jax.Array) -> jax.Array:
   t = jnp.asarray(t).astype(like.dtype)
   return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
+
+
+def skip_preconditioning(velocity_fn: VelocityFn, sigma_data: float) -> VelocityFn:
+  """Velocity of an x0-predicting network with EDM's skip connection (Karras et al. 2022), for the flow process.
+
+  With sd = sigma_data and D = t^2 + (1 - t)^2 sd^2, the network output F gives
+    x0_hat = c_skip x_t + c_out F,   c_skip = sd^2 (1 - t) / D,   c_out = t sd / sqrt(D)
+  (EDM's coefficients for x_t / (1 - t), whose noise level is t / (1 - t)), and the returned velocity is
+    v = (x_t - x0_hat) / t = (t - (1 - t) sd^2) / D * x_t - sd / sqrt(D) * F,
+  finite at t = 0. At low noise x0_hat is mostly x_t; at high noise mostly F (x-prediction). Losses, samplers and
+  preference objectives use the returned velocity unchanged.
+  """
+  sd = float(sigma_data)
+  if not sd > 0:
+    raise ValueError(f"sigma_data must be positive, got {sigma_data!r}")
+
+  def wrapped(x: jax.Array, t: jax.Array, cond: PyTree) -> jax.Array:
+    tt = _bcast(jnp.asarray(t, jnp.float32), x)
+    d = tt * tt + (1.0 - tt) ** 2 * sd * sd
+    out = velocity_fn(x, t, cond)
+    v = (tt - (1.0 - tt) * sd * sd) / d * x.astype(jnp.float32) - sd / jnp.sqrt(d) * out.astype(jnp.float32)
+    return v.astype(out.dtype)
+  return wrapped
 
 
 def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:

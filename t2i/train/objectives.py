@@ -66,9 +66,26 @@ def latents(p: dict, batch: dict, rng: jax.Array, models, key: str = "image") ->
 
 
 def _denoise_fn(p: dict, models, reference: bool = False) -> Callable:
+  """The denoiser (or the frozen reference) as fn(x, t, cond), wrapped in the x0 skip preconditioning when
+  config.diffusion.sigma_data (U-Net) or config.flow.sigma_data (MMDiT, returns velocity) is set."""
   if reference:
-    return lambda x, t, c: models.denoise(p["reference"], x, t, c, module=models.reference)
-  return lambda x, t, c: models.denoise(p[models.denoiser_name], x, t, c)
+    fn = lambda x, t, c: models.denoise(p["reference"], x, t, c, module=models.reference)
+  else:
+    fn = lambda x, t, c: models.denoise(p[models.denoiser_name], x, t, c)
+  if models.schedule is None:  # rectified flow: the wrapped network predicts x0, the wrapper returns velocity
+    sigma_data = (models.config.get("flow") or {}).get("sigma_data")
+    if sigma_data:
+      from t2i.objectives import flow
+      fn = flow.skip_preconditioning(fn, float(sigma_data))
+    return fn
+  sigma_data = models.config.diffusion.get("sigma_data")
+  if sigma_data:
+    from t2i.objectives import diffusion
+    if models.config.diffusion.prediction_type != "sample":
+      raise ValueError("config.diffusion.sigma_data (skip preconditioning) needs "
+                       f"config.diffusion.prediction_type='sample', got {models.config.diffusion.prediction_type!r}")
+    fn = diffusion.skip_preconditioning(fn, models.schedule, float(sigma_data))
+  return fn
 
 
 def _with_guidance(cond: dict, models, value: Any) -> dict:

@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
       prediction_type="epsilon", snr_gamma=0.0, noise_offset=0.0, loss_type="l2", cond_dropout=0.1,
       sigma_data=0.0))  # sigma_data > 0: x0-prediction with EDM skip preconditioning (prediction_type "sample")
   c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=16, vocab_size=0))
+  # A second tokenizer (FLUX's T5, SDXL's OpenCLIP): its ids follow the first's in "input_ids" and feed
+  # text_encoder_2 (t2i.train.models.Tokenizer). None: one tokenizer feeds every text encoder.
+  c.tokenizer_2 = None
   c.text_encoder_2 = None
   c.vae = None
   # Precompute pass over the first num_batches batches: frozen-VAE latents and frozen text embeddings.

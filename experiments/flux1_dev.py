@@ -7,13 +7,13 @@ Needs real hardware (TPU v5p-64 / 64x80 GB GPUs class for full fine-tuning) and 
       --config.transformer.checkpoint=/ckpt/flux1-dev/transformer --config.vae.checkpoint=/ckpt/flux1-dev/vae \\
       --config.text_encoder.checkpoint=/ckpt/flux1-dev/text_encoder \\
       --config.text_encoder_2.checkpoint=/ckpt/flux1-dev/text_encoder_2 \\
-      --config.tokenizer.path=/ckpt/flux1-dev/tokenizer --config.data.dataset=image_folder --config.data.data_dir=/data
+      --config.tokenizer.path=/ckpt/flux1-dev/tokenizer --config.tokenizer_2.path=/ckpt/flux1-dev/tokenizer_2 \
+      --config.data.dataset=image_folder --config.data.data_dir=/data
 Expected: per-device memory as printed by `python benchmarks/compile_step.py --config=experiments/flux1_dev.py
 --mesh=fsdp=8 --fast_compile --cache` (and `--mesh=fsdp=4,tensor=2`): fsdp=8 at batch 1/device, 1024 px: arguments
 22.2 GiB, XLA:CPU temp 142.3 GiB; fsdp=4 x tensor=2: 22.2 / 130.1 GiB (docs/results.md).
-Known gap: t2i feeds one tokenizer's ids to both text encoders; real T5 needs its own sentencepiece tokenizer
-(`tokenizer_2`, not built yet), so fine-tuning real FLUX weights must wait for it (the shapes-bench experiments
-train both encoders from scratch on one BPE vocabulary).
+CLIP reads the 77 ids of `tokenizer` (CLIP BPE), T5 the 512 ids of `tokenizer_2` (T5's sentencepiece), as
+diffusers' FluxPipeline tokenises (tested: tests/test_flow_train.py::test_two_tokenizers_match_flux_pipeline).
 Variant `:small` = 512 px (quicker compile checks).
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.flow = ml_collections.ConfigDict(dict(t_sampler="logit_normal", logit_mean=0.0, logit_std=1.0, shift=True,
                                           base_shift=0.5, max_shift=1.15, train_guidance=1.0, cond_dropout=0.0,
                                           loss_type="l2", sigma_data=0.0))  # > 0: x0-prediction with EDM's skip
-  c.tokenizer = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=512, vocab_size=0))
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=77, vocab_size=0))
+  c.tokenizer_2 = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=512, vocab_size=0))
   c.transformer = common.module_config("t2i.models.mmdit.FluxTransformer", preset="flux1_dev", dtype="bfloat16",
                                        param_dtype="float32", remat=True)
   c.text_encoder = sdxl.clip_l(trainable=False, dtype="bfloat16")

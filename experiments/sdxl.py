@@ -4,6 +4,7 @@ frozen, size/crop conditioning (time_ids), bf16 compute with f32 master weights,
 Needs real hardware (TPU v5p-8 / 8x80 GB GPUs or more) and local copies of the weights:
   python -m launch.main --config=experiments/sdxl.py --workdir=gs://bucket/sdxl \
       --config.vae.checkpoint=/ckpt/sdxl/vae --config.tokenizer.path=/ckpt/sdxl/tokenizer \
+      --config.tokenizer_2.path=/ckpt/sdxl/tokenizer_2 \
       --config.data.name=tfds --config.data.dataset=image_folder --config.data.data_dir=/data
   bash launch/tpu_pod.sh experiments/sdxl.py gs://bucket/sdxl ...    # multi-host
 Expected: per-device memory as printed by `python benchmarks/compile_step.py --config=experiments/sdxl.py` (AOT-compiled on a fake fsdp=8 CPU mesh,
@@ -47,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.snr_gamma = 5.0
   c.diffusion.cond_dropout = 0.1
   c.tokenizer = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=77, vocab_size=0))
+  # SDXL's second tokenizer pads with "!" (id 0) where the first pads with <|endoftext|>; bigG reads its own ids.
+  c.tokenizer_2 = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=77, vocab_size=0))
   c.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", preset="sdxl", dtype="bfloat16",
                                 param_dtype="float32", remat=True)
   # Both encoders feed their penultimate hidden states (concatenated: 768 + 1280 = 2048); pooled = bigG's.

@@ -22,3 +22,25 @@ def read_group():
     tree = tree[key] if kind == "state" else tree
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree[group]).items()}
   return read
+
+
+@pytest.fixture
+def make_t5_tokenizer():
+  """make_t5_tokenizer(folder, vocab_size=60) -> folder: a T5TokenizerFast (unigram, `<pad>`=0, `</s>`=1) trained
+  offline on a few captions and saved with save_pretrained, standing in for FLUX's `tokenizer_2`."""
+  def make(folder, vocab_size=60):
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = ["a red circle on a blue square", "two green triangles", "a small yellow star next to a circle"] * 20
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+    tok.train_from_iterator(corpus, trainer)
+    fast = transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                        extra_ids=0)
+    fast.save_pretrained(folder)
+    return folder
+  return make

@@ -1,6 +1,7 @@
 """Flow objectives in the one train loop: pre-train -> SFT (init_from), guidance distillation with a frozen
 teacher, and FLUX.1-dev size."""
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -66,3 +67,66 @@ def test_guidance_distillation_keeps_teacher_frozen(read_group, pretrained, tmp_
   imgs = s(["a red circle", "a blue square"], [0, 1], num_steps=3, guidance_scale=4.0, sampler="euler")
   assert imgs.shape == (2, 16, 16, 3) and np.isfinite(imgs).all()
   assert calls == [2]  # traced once inside the compiled loop, on the 2 prompts only (no CFG doubling)
+
+
+def test_two_tokenizers_match_flux_pipeline(tmp_path, make_t5_tokenizer):
+  """config.tokenizer (CLIP BPE, 77 ids) + config.tokenizer_2 (T5 unigram): our conditioning equals diffusers'
+  FluxPipeline.encode_prompt on the same tiny CLIP / T5 checkpoints; a run trains and samples from such a workdir."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+  from experiments import common
+  from t2i.text.tokenizer import build_clip_tokenizer, default_shapes_corpus
+  from t2i.train import models as models_lib
+
+  clip_tok = build_clip_tokenizer(default_shapes_corpus(), tmp_path / "tokenizer")
+  t5_tok = transformers.AutoTokenizer.from_pretrained(make_t5_tokenizer(tmp_path / "tokenizer_2", vocab_size=60))
+  torch.manual_seed(0)
+  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=len(clip_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+      max_position_embeddings=77, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+      pad_token_id=clip_tok.pad_token_id)).eval()
+  t5 = transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=60, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, feed_forward_proj="gated-gelu",
+      dropout_rate=0.0)).eval()
+  clip.save_pretrained(tmp_path / "text_encoder", safe_serialization=True)
+  t5.save_pretrained(tmp_path / "text_encoder_2", safe_serialization=True)
+
+  cfg = flux_shapes_pretrain.get_config("smoke")
+  cfg.tokenizer = ml_collections.ConfigDict(dict(kind="pretrained", path=str(tmp_path / "tokenizer"),
+                                                        max_length=77, vocab_size=0))
+  cfg.tokenizer_2 = ml_collections.ConfigDict(dict(kind="pretrained", path=str(tmp_path / "tokenizer_2"),
+                                                          max_length=24, vocab_size=0))
+  cfg.text_encoder = common.module_config("t2i.models.text.CLIPTextModel", checkpoint=str(tmp_path / "text_encoder"),
+                                          trainable=False)
+  cfg.text_encoder_2 = common.module_config("t2i.models.t5.T5Encoder", checkpoint=str(tmp_path / "text_encoder_2"),
+                                            trainable=False)
+  cfg.transformer.config.update(joint_attention_dim=32, pooled_projection_dim=16)
+  workdir = str(tmp_path / "work")
+  tokenize = models_lib.setup_tokenizer(cfg, workdir)
+  models = models_lib.build_models(cfg, tokenize)
+  prompts = ["a large red circle to the left of a blue square", "two green triangles"]
+  ids = tokenize(prompts)
+  assert ids.shape == (2, 77 + 24) and tokenize.block_lengths() == (77, 24)
+  params = models_lib.pretrained_params(cfg)
+  with jax.default_matmul_precision("highest"):
+    cond = jax.jit(models.cond)(params, ids)
+
+  pipe = diffusers.FluxPipeline(scheduler=None, vae=None, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                                tokenizer_2=t5_tok, transformer=None)
+  with torch.no_grad():
+    ref_ctx, ref_pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=24)
+  for ours, ref in ((cond["encoder_hidden_states"], ref_ctx), (cond["pooled_projections"], ref_pooled)):
+    ref = ref.numpy()
+    assert ours.shape == ref.shape
+    err = np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref))
+    assert err < 1e-5, err
+
+  # The same two-tokenizer config trains (data, loop) and samples from its workdir alone (tokenizer_2/ saved).
+  rec = loop.train(cfg, workdir)
+  assert np.isfinite(rec["loss"])
+  from t2i.sample import Sampler
+  s = Sampler(workdir)
+  np.testing.assert_array_equal(s.tokenize(prompts), ids)
+  images = s(prompts[:1], [0], negative_prompt="blurry", num_steps=2, guidance_scale=2.0, sampler="euler")
+  assert np.isfinite(np.asarray(images, np.float32)).all()

@@ -132,22 +132,9 @@ def test_remat_and_grad():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_tokenizer_from_local_unigram_model(tmp_path):
+def test_tokenizer_from_local_unigram_model(tmp_path, make_t5_tokenizer):
   """A T5TokenizerFast built offline from a tiny locally trained unigram model tokenises a caption."""
-  pytest.importorskip("tokenizers")
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-  tok = Tokenizer(models.Unigram())
-  tok.normalizer = normalizers.NFKC()
-  tok.pre_tokenizer = pre_tokenizers.Metaspace()
-  tok.decoder = decoders.Metaspace()
-  corpus = ["a red circle on a blue square", "two green triangles", "a small yellow star next to a circle"] * 20
-  trainer = trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-  tok.train_from_iterator(corpus, trainer)
-  fast = transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                      extra_ids=0)
-  fast.save_pretrained(tmp_path / "tok")
-  fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+  fast = transformers.AutoTokenizer.from_pretrained(make_t5_tokenizer(tmp_path / "tok"))
   enc = fast(["a red circle", "two green triangles next to a star"], padding="max_length", max_length=40,
              truncation=True)
   ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])

@@ -20,12 +20,20 @@ from t2i.train.state import param_count
 
 
 def stand_in_tokenizer(config: Any) -> models_lib.Tokenizer:
-  """Zeros of the right shape; vocab size / EOS id from the first text encoder's config (or CLIP's)."""
-  te = config.text_encoder.get("config") or {}
-  vocab = te.get("vocab_size", -1)
-  vocab = 49408 if vocab in (-1, None) else int(vocab)
-  length = int(config.tokenizer.max_length)
-  return models_lib.Tokenizer(lambda texts: np.zeros((len(texts), length), np.int32), vocab, vocab - 1)
+  """Zeros of the right shape (one block per configured tokenizer); vocabulary size and EOS id from the text
+  encoder each block feeds (CLIP's when its config leaves them open)."""
+  parts = []
+  for key, encoder in models_lib.TOKENIZERS:
+    if config.get(key) is None:
+      continue
+    te = (config.get(encoder) or config.text_encoder).get("config") or {}
+    vocab = te.get("vocab_size", -1)
+    vocab = 49408 if vocab in (-1, None) else int(vocab)
+    length = int(config[key].max_length)
+    parts.append(models_lib.Tokenizer(lambda texts, n=length: np.zeros((len(texts), n), np.int32), vocab, vocab - 1))
+  if len(parts) > 1:
+    parts[0].second = parts[1]
+  return parts[0]
 
 
 def abstract_setup(config: Any, mesh: Any = None) -> dict[str, Any]:

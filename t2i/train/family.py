@@ -35,9 +35,7 @@ def _t2i() -> Family:
     from t2i.train import loop
     return loop.make_data_iterator(config, tokenize, mesh)
 
-  return Family("t2i", models_lib.setup_tokenizer,
-                lambda config, workdir: models_lib.load_tokenizer(workdir, int(config.tokenizer.max_length)),
-                models_lib.build_models, data)
+  return Family("t2i", models_lib.setup_tokenizer, models_lib.load_tokenizer, models_lib.build_models, data)
 
 
 def _tokens() -> Family:

@@ -57,7 +57,7 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
   kind = cfg.pop("name")
   cfg["data_dir"] = os.path.expanduser(cfg.get("data_dir") or "~/t2i_data")
   cfg["image_size"] = int(config.image_size)
-  cfg["max_length"] = int(config.tokenizer.max_length)
+  cfg["max_length"] = models_lib.token_length(config)
   if kind == "shapes":  # generate + build the split once (deterministic), then read it like any dataset
     split, num = cfg.pop("shapes_split", "train"), cfg.pop("shapes_num", None)
     if jax.process_index() == 0:

@@ -178,6 +178,7 @@ class T2IModels:
   reference: nn.Module | None = None  # frozen copy (group "reference"): DPO/SPIN reference, distillation teacher
   add_time_ids: bool = False
   hidden_layers: tuple[int, ...] = ()   # per text encoder: -1 = final (normed) output, -2 = penultimate, ...
+  id_blocks: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # encoder -> input_ids columns
 
   @property
   def is_mmdit(self) -> bool:
@@ -200,15 +201,25 @@ class T2IModels:
     shape = tuple(self.latent_shape)
     return jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape))(seeds)
 
+  def encoder_ids(self, name: str, input_ids: jax.Array) -> jax.Array:
+    """The columns of `input_ids` [B, L] that text encoder `name` reads: its block when two tokenizers are set
+    (`Tokenizer`), else all of them, cut to the encoder's max_position_embeddings (FLUX: CLIP reads 77, T5 512)."""
+    if name in self.id_blocks:
+      start, stop = self.id_blocks[name]
+      return input_ids[:, start:stop]
+    limit = getattr(self.text_encoders[name], "max_position_embeddings", None)
+    return input_ids[:, :limit] if limit else input_ids
+
   def encode_text(self, params: dict[str, Any], input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(encoder_hidden_states, pooled): hidden states of all encoders concatenated, pooled of the last."""
     hs, pooled = [], None
     layers = self.hidden_layers or (-1,) * len(self.text_encoders)
     for (name, te), layer in zip(self.text_encoders.items(), layers):
+      ids = self.encoder_ids(name, input_ids)
       if layer == -1:
-        h, pooled = te.apply({"params": params[name]}, input_ids)
+        h, pooled = te.apply({"params": params[name]}, ids)
       else:
-        _, pooled, all_h = te.apply({"params": params[name]}, input_ids, output_hidden_states=True)
+        _, pooled, all_h = te.apply({"params": params[name]}, ids, output_hidden_states=True)
         h = all_h[layer]
       hs.append(h)
     return jnp.concatenate(hs, -1) if len(hs) > 1 else hs[0], pooled
@@ -216,9 +227,7 @@ class T2IModels:
   def cond(self, params: dict[str, Any], input_ids: jax.Array, time_ids: jax.Array | None = None) -> dict:
     """The denoiser's conditioning dict for token ids [B, L]."""
     if self.is_mmdit:
-      # A CLIP encoder reads at most its max_position_embeddings tokens (FLUX: 77 for CLIP, 512 for T5).
-      fit = lambda te: input_ids[:, :getattr(te, "max_position_embeddings", None) or input_ids.shape[1]]
-      out = {n: te.apply({"params": params[n]}, fit(te)) for n, te in self.text_encoders.items()}
+      out = {n: te.apply({"params": params[n]}, self.encoder_ids(n, input_ids)) for n, te in self.text_encoders.items()}
       context = out["text_encoder_2"] if "text_encoder_2" in out else out["text_encoder"]
       context = context[0] if isinstance(context, tuple) else context
       pooled = out["text_encoder"][1]
@@ -290,11 +299,19 @@ def build_models(config: Any, tokenize: Tokenizer) -> T2IModels:
   from t2i.objectives import diffusion
   name = denoiser_name(config)
   denoiser = build_module(config[name], name)
-  from_tok = {"vocab_size": tokenize.vocab_size, "eos_token_id": tokenize.eos_token_id}
-  encoders = {n: build_module(config[n], n, from_tok)
-              for n in TEXT_ENCODERS if config.get(n) is not None}
+  encoders = {}
+  for n in TEXT_ENCODERS:
+    if config.get(n) is not None:
+      tok = tokenize.for_encoder(n)
+      encoders[n] = build_module(config[n], n, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id})
   if "text_encoder" not in encoders:
     raise ValueError("config.text_encoder: missing")
+  lengths = tokenize.block_lengths()
+  id_blocks = {}
+  if len(lengths) == 2:
+    if "text_encoder_2" not in encoders:
+      raise ValueError("config.tokenizer_2 is set but config.text_encoder_2 is not: the second id block has no reader")
+    id_blocks = {"text_encoder": (0, lengths[0]), "text_encoder_2": (lengths[0], sum(lengths))}
   vae = None
   if config.get("vae") is not None:
     vae = build_module(config.vae, "vae")
@@ -317,7 +334,7 @@ def build_models(config: Any, tokenize: Tokenizer) -> T2IModels:
     schedule = diffusion.make_schedule(**_to_dict(config.diffusion.schedule))
   return T2IModels(
       denoiser=denoiser, text_encoders=encoders, vae=vae, trainable=trainable, image_size=size,
-      max_length=int(config.tokenizer.max_length), latent_shape=latent_shape, uncond_ids=tokenize([""])[0],
+      max_length=sum(lengths), latent_shape=latent_shape, uncond_ids=tokenize([""])[0], id_blocks=id_blocks,
       schedule=schedule, config=config, denoiser_name=name, reference=reference,
       add_time_ids=getattr(denoiser, "addition_embed_type", None) == "text_time",
       hidden_layers=tuple(int(config[n].get("hidden_layer", -1)) for n in encoders))
@@ -329,7 +346,7 @@ def init_fns(models: T2IModels) -> dict[str, Callable[[jax.Array], Any]]:
   ids = jnp.zeros((b, L), jnp.int32)
   fns: dict[str, Callable[[jax.Array], Any]] = {}
   for name, te in models.text_encoders.items():
-    te_ids = ids[:, :getattr(te, "max_position_embeddings", None) or L]
+    te_ids = models.encoder_ids(name, ids)
     fns[name] = (lambda te, te_ids: lambda rng: te.init(rng, te_ids)["params"])(te, te_ids)
 
   def denoiser_init(module):
@@ -379,15 +396,34 @@ def pretrained_params(config: Any) -> dict[str, Any]:
 # --- tokenizer ---
 
 class Tokenizer:
-  """texts -> int32 [n, max_length]; `vocab_size` sizes the text encoder's embedding table."""
+  """texts -> int32 [n, L]; `vocab_size` and `eos_token_id` size the text encoder's embedding table and pooling.
 
-  def __init__(self, fn: Callable[[list[str]], np.ndarray], vocab_size: int, eos_token_id: int):
+  With a second tokenizer (`config.tokenizer_2`: FLUX's T5 tokenizer, SDXL's OpenCLIP one) a call returns both
+  id blocks side by side, [n, L1 + L2]: `text_encoder` reads the first L1 columns and `text_encoder_2` the last L2
+  (`T2IModels.encoder_ids`). Everything else (data, caches, sampling, preference pairs) sees one "input_ids" array.
+  """
+
+  def __init__(self, fn: Callable[[list[str]], np.ndarray], vocab_size: int, eos_token_id: int,
+               second: "Tokenizer | None" = None):
     self._fn = fn
     self.vocab_size = int(vocab_size)
     self.eos_token_id = int(eos_token_id)
+    self.second = second
 
   def __call__(self, texts: list[str]) -> np.ndarray:
-    return self._fn(list(texts))
+    ids = self._fn(list(texts))
+    if self.second is not None:
+      ids = np.concatenate([ids, self.second(texts)], axis=1)
+    return ids
+
+  def for_encoder(self, name: str) -> "Tokenizer":
+    """The tokenizer whose ids text encoder `name` reads (its vocabulary sizes that encoder)."""
+    return self.second if name == "text_encoder_2" and self.second is not None else self
+
+  def block_lengths(self) -> tuple[int, ...]:
+    """Columns per id block: (L,) or (L1, L2)."""
+    first = (int(np.asarray(self._fn([""])).shape[1]),)
+    return first + (self.second.block_lengths() if self.second is not None else ())
 
 
 def unconditional_ids(tokenize: Tokenizer, prompts: list[str], negative: str = "") -> np.ndarray:
@@ -399,30 +435,53 @@ def unconditional_ids(tokenize: Tokenizer, prompts: list[str], negative: str = "
   return np.repeat(tokenize([negative]), len(prompts), 0)
 
 
+TOKENIZERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))  # config key, encoder it feeds
+
+
+def token_length(config: Any) -> int:
+  """Columns of a batch's "input_ids": config.tokenizer.max_length (+ config.tokenizer_2.max_length)."""
+  return sum(int(config[k].max_length) for k, _ in TOKENIZERS if config.get(k) is not None)
+
+
 def setup_tokenizer(config: Any, workdir: str) -> Tokenizer:
-  """Creates (or reuses) `workdir/tokenizer/` from config.tokenizer and returns texts -> int32 [n, L]."""
-  out_dir = os.path.join(workdir, "tokenizer")
-  cfg = config.tokenizer
-  if not os.path.isdir(out_dir) or not os.listdir(out_dir):
-    os.makedirs(out_dir, exist_ok=True)
+  """Creates (or reuses) `workdir/tokenizer/` (and `workdir/tokenizer_2/`) from config.tokenizer (and
+  config.tokenizer_2) and returns texts -> int32 [n, L]."""
+  for key, _ in TOKENIZERS:
+    cfg = config.get(key)
+    out_dir = os.path.join(workdir, key)
+    if cfg is None or (os.path.isdir(out_dir) and os.listdir(out_dir)):
+      continue
     kind = cfg.kind
+    if kind not in ("toy", "shapes", "pretrained") or (key == "tokenizer_2" and kind == "toy"):
+      raise ValueError(f"config.{key}.kind={kind!r}: expected 'toy', 'shapes' or 'pretrained'"
+                       if key == "tokenizer" else f"config.{key}.kind={kind!r}: expected 'shapes' or 'pretrained'")
+    if kind == "pretrained" and not os.path.isdir(os.path.expanduser(cfg.path or "")):
+      raise FileNotFoundError(f"config.{key}.path={cfg.path!r}: not a folder (a tokenizer as save_pretrained "
+                              "writes it, e.g. <pipeline>/tokenizer)")
+    os.makedirs(out_dir, exist_ok=True)
     if kind == "toy":
       with open(os.path.join(out_dir, "toy.json"), "w") as f:
         json.dump({"vocab_size": int(cfg.vocab_size)}, f)
     elif kind == "shapes":
       from t2i.text.tokenizer import build_clip_tokenizer, default_shapes_corpus
       build_clip_tokenizer(default_shapes_corpus(), out_dir)
-    elif kind == "pretrained":
-      from transformers import CLIPTokenizer
-      CLIPTokenizer.from_pretrained(cfg.path).save_pretrained(out_dir)
     else:
-      raise ValueError(f"config.tokenizer.kind={kind!r}: expected 'toy', 'shapes' or 'pretrained'")
-  return load_tokenizer(workdir, int(cfg.max_length))
+      from transformers import AutoTokenizer
+      AutoTokenizer.from_pretrained(os.path.expanduser(cfg.path)).save_pretrained(out_dir)
+  return load_tokenizer(config, workdir)
 
 
-def load_tokenizer(workdir: str, max_length: int) -> Tokenizer:
-  """texts -> int32 [n, max_length] from `workdir/tokenizer/`."""
-  tok_dir = os.path.join(workdir, "tokenizer")
+def load_tokenizer(config: Any, workdir: str) -> Tokenizer:
+  """texts -> int32 [n, L] from `workdir/tokenizer/` (and `workdir/tokenizer_2/` when config.tokenizer_2 is set)."""
+  second = None
+  if config.get("tokenizer_2") is not None:
+    second = _load_one(os.path.join(workdir, "tokenizer_2"), int(config.tokenizer_2.max_length))
+  first = _load_one(os.path.join(workdir, "tokenizer"), int(config.tokenizer.max_length))
+  first.second = second
+  return first
+
+
+def _load_one(tok_dir: str, max_length: int) -> Tokenizer:
   toy = os.path.join(tok_dir, "toy.json")
   if os.path.exists(toy):
     from t2i.train.toy import toy_tokenize
@@ -431,8 +490,8 @@ def load_tokenizer(workdir: str, max_length: int) -> Tokenizer:
     return Tokenizer(lambda texts: toy_tokenize(texts, max_length, vocab), vocab, 2)
   if not os.path.isdir(tok_dir):
     raise FileNotFoundError(f"{tok_dir}: no tokenizer (a train run writes it into its workdir)")
-  from transformers import CLIPTokenizer
+  from transformers import AutoTokenizer
   from t2i.text.tokenizer import tokenize
-  tok = CLIPTokenizer.from_pretrained(tok_dir)
+  tok = AutoTokenizer.from_pretrained(tok_dir)
   return Tokenizer(lambda texts: np.asarray(tokenize(tok, texts, max_length), np.int32), len(tok),
                    tok.eos_token_id)

@@ -18,6 +18,7 @@ AXIS_RULES = (
     ("conv_in", "fsdp"),
     ("conv_out", "tensor"),
     ("norm", None),
+    ("layers", None),   # leading axis of scanned block stacks (t2i.nn.layers.STACK_SUFFIX)
 )
 
 

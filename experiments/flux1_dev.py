@@ -44,8 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           loss_type="l2", sigma_data=0.0))  # > 0: x0-prediction with EDM's skip
   c.tokenizer = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=77, vocab_size=0))
   c.tokenizer_2 = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=512, vocab_size=0))
+  # scan_layers: one compiled block body per kind; FSDP keeps one block's gathered weights and gradients live.
   c.transformer = common.module_config("t2i.models.mmdit.FluxTransformer", preset="flux1_dev", dtype="bfloat16",
-                                       param_dtype="float32", remat=True)
+                                       param_dtype="float32", remat=True, scan_layers=True)
   c.text_encoder = sdxl.clip_l(trainable=False, dtype="bfloat16")
   c.text_encoder.config.max_position_embeddings = 77
   c.text_encoder_2 = t5_xxl(trainable=False, dtype="bfloat16")

@@ -46,16 +46,20 @@ def _inputs(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
   return out
 
 
-@pytest.mark.parametrize("overrides", [dict(guidance_embeds=True),
-                                       dict(guidance_embeds=False, patch_size=2, out_channels=4)],
-                         ids=["guidance", "no_guidance_patch2"])
-def test_parity_with_diffusers(tmp_path, overrides):
+@pytest.mark.parametrize("overrides,scan", [(dict(guidance_embeds=True), False),
+                                            (dict(guidance_embeds=False, patch_size=2, out_channels=4), False),
+                                            (dict(guidance_embeds=True), True)],
+                         ids=["guidance", "no_guidance_patch2", "guidance_scan_layers"])
+def test_parity_with_diffusers(tmp_path, overrides, scan):
   from t2i.convert.flux import abstract_params, load_diffusers_flux
 
   ref = _torch_model(0, **overrides)
   ref.save_pretrained(tmp_path)
-  module, params = load_diffusers_flux(tmp_path)
-  assert module.guidance_embeds == overrides["guidance_embeds"]
+  module, params = load_diffusers_flux(tmp_path, scan_layers=scan)
+  assert module.guidance_embeds == overrides["guidance_embeds"] and module.scan_layers == scan
+  if scan:
+    assert "transformer_blocks_stack" in params and "transformer_blocks_0" not in params
+    assert params["single_transformer_blocks_stack"]["linear1"]["dense"]["kernel"].shape[0] == TINY["num_single_layers"]
 
   # Loaded tree == eval_shape(init) tree, leaf by leaf.
   shapes = flax.traverse_util.flatten_dict(abstract_params(module))
@@ -245,3 +249,50 @@ def test_sharded_apply_matches(tiny):
   with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules(AXIS_RULES)):
     out = jax.jit(module.apply)({"params": sharded}, **x)
   np.testing.assert_allclose(out, base, atol=2e-5 * float(jnp.abs(base).max()))
+
+
+def test_scan_layers_matches_unrolled(tiny):
+  """scan_layers=True (blocks in nn.scan, params stacked) gives the unrolled model's output and gradients, with and
+  without remat; stack_layers / unstack_layers are inverse; weight decay and shardings see per-layer shapes."""
+  from jax.sharding import PartitionSpec as P
+
+  from experiments import common
+  from t2i import parallel
+  from t2i.models.mmdit import stack_layers, unstack_layers
+  from t2i.parallel import sharding
+  from t2i.train.optimizer import decay_mask
+
+  module, params, x, _, _ = tiny
+  stacked = stack_layers(params)
+  assert sorted(k for k in stacked if "blocks" in k) == ["single_transformer_blocks_stack", "transformer_blocks_stack"]
+  flat = flax.traverse_util.flatten_dict
+  assert flat(unstack_layers(stacked)).keys() == flat(params).keys()
+  for k, v in flat(unstack_layers(stacked)).items():
+    np.testing.assert_array_equal(v, flat(params)[k])
+
+  loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, **x) ** 2)
+  with jax.default_matmul_precision("highest"):
+    want, g_want = jax.jit(jax.value_and_grad(loss(module)))(params)
+    for remat in (False, True):
+      scanned = module.clone(scan_layers=True, remat=remat)
+      got, g_got = jax.jit(jax.value_and_grad(loss(scanned)))(stacked)
+      assert _rel(got, want) < 1e-6, remat
+      g_got = flat(unstack_layers(jax.tree.map(np.asarray, g_got)))
+      for k, v in flat(g_want).items():
+        assert _rel(g_got[k], v) < 1e-5, (remat, k)
+
+  # The init of a scanned module has exactly this layout, the stack axis is named "layers", the rules replicate it.
+  boxed = jax.eval_shape(lambda: module.clone(scan_layers=True).init(jax.random.key(0), **x))["params"]
+  assert jax.tree.map(lambda b: b.shape, nn.meta.unbox(boxed)) == jax.tree.map(lambda a: a.shape, stacked)
+  kernel = boxed["transformer_blocks_stack"]["ff"]["fc1"]["dense"]["kernel"]
+  assert kernel.names == ("layers", "embed", "mlp")
+  mesh = parallel.make_mesh(common.mesh_config(data=2, fsdp=2, tensor=2))
+  specs = sharding.logical_shardings(boxed, mesh, common.AXIS_RULES)
+  assert specs["transformer_blocks_stack"]["ff"]["fc1"]["dense"]["kernel"].spec == P(None, "fsdp", "tensor")
+
+  # Weight decay: kernels decayed, biases and norm scales not, whether stacked or not.
+  mask = lambda p: flat(decay_mask("ndim>=2")(p))
+  m_unrolled, m_stacked = mask(params), mask(stacked)
+  assert any(m_unrolled.values()) and not all(m_unrolled.values())
+  for k, v in m_stacked.items():
+    assert v == m_unrolled[(k[0].replace("_stack", "_0"),) + k[1:]], k

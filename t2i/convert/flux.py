@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from t2i.convert.common import CheckpointError, TensorReader, load_folder, params_from_reader
-from t2i.models.mmdit import FluxTransformer, dummy_inputs
+from t2i.models.mmdit import FluxTransformer, dummy_inputs, stack_layers
 
 _INDEXED = re.compile(r"^(transformer_blocks|single_transformer_blocks)_(\d+)$")
 _RENAME = {("attn", "to_out"): "to_out.0", ("ff", "fc1"): "net.0.proj", ("ff", "fc2"): "net.2",
@@ -77,8 +77,10 @@ def abstract_params(module: FluxTransformer) -> Any:
 
 
 def convert_flux_state(module: FluxTransformer, reader: TensorReader) -> dict[str, Any]:
-  """Builds the params tree of `module` from diffusers tensors; every tensor must be consumed."""
-  return params_from_reader(abstract_params(module), reader, _take)
+  """Builds the params tree of `module` from diffusers tensors; every tensor must be consumed. A module with
+  `scan_layers=True` gets the blocks stacked (`t2i.models.mmdit.stack_layers`)."""
+  params = params_from_reader(abstract_params(module.clone(scan_layers=False)), reader, _take)
+  return stack_layers(params) if module.scan_layers else params
 
 
 def load_diffusers_flux(folder: str | pathlib.Path, **module_overrides) -> tuple[FluxTransformer, dict]:

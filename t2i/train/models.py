@@ -9,7 +9,8 @@ opponent, guidance-distillation teacher); see `t2i.train.init_from`.
 config.unet / config.transformer / config.text_encoder / config.text_encoder_2 / config.vae each hold:
   module: dotted path of a flax module class ("t2i.models.unet.UNet2DConditionModel");
   preset: optional name in the module file's *_PRESETS dict; config: dict of (diffusers-style) fields that
-  override the preset; dtype / param_dtype (strings); remat; checkpoint: optional diffusers / transformers
+  override the preset; dtype / param_dtype (strings); remat; scan_layers (MMDiT: blocks in a jax.lax.scan,
+  params stacked, see t2i.models.mmdit); checkpoint: optional diffusers / transformers
   save_pretrained folder (safetensors) whose config.json and weights replace preset/config and the random init.
   Text encoders also carry `trainable` and `hidden_layer` (-1 final output, -2 penultimate as in SDXL). `config.vae = None` trains in pixel space.
 """
@@ -99,9 +100,9 @@ def build_module(cfg: Any, name: str, overrides: dict[str, Any] | None = None) -
 
 def _set_dtypes(module: nn.Module, cfg: Any) -> nn.Module:
   extra = {}
-  for key in ("dtype", "param_dtype", "remat"):
+  for key in ("dtype", "param_dtype", "remat", "scan_layers"):
     if cfg.get(key) is not None and key in module.__dataclass_fields__:
-      extra[key] = jnp.dtype(cfg[key]) if key != "remat" else bool(cfg[key])
+      extra[key] = jnp.dtype(cfg[key]) if "dtype" in key else bool(cfg[key])
   return module.clone(**extra) if extra else module
 
 
@@ -150,7 +151,7 @@ def load_checkpoint_params(cfg: Any, name: str) -> Any:
     return load_diffusers_unet(cfg.checkpoint)[1]
   if kind == "flux":
     from t2i.convert.flux import load_diffusers_flux
-    return load_diffusers_flux(cfg.checkpoint)[1]
+    return load_diffusers_flux(cfg.checkpoint, scan_layers=bool(cfg.get("scan_layers", False)))[1]
   if kind == "t5":
     from t2i.convert.t5 import load_transformers_t5_encoder
     return load_transformers_t5_encoder(cfg.checkpoint)[1]

@@ -10,8 +10,9 @@ Needs real hardware (TPU v5p-64 / 64x80 GB GPUs class for full fine-tuning) and 
       --config.tokenizer.path=/ckpt/flux1-dev/tokenizer --config.tokenizer_2.path=/ckpt/flux1-dev/tokenizer_2 \
       --config.data.dataset=image_folder --config.data.data_dir=/data
 Expected: per-device memory as printed by `python benchmarks/compile_step.py --config=experiments/flux1_dev.py
---mesh=fsdp=8 --fast_compile --cache` (and `--mesh=fsdp=4,tensor=2`): fsdp=8 at batch 1/device, 1024 px: arguments
-22.2 GiB, XLA:CPU temp 142.3 GiB; fsdp=4 x tensor=2: 22.2 / 130.1 GiB (docs/results.md).
+--mesh=fsdp=8 --fast_compile --cache` (and `--mesh=fsdp=4,tensor=2`), blocks scanned (`scan_layers`): fsdp=8 at
+batch 1/device, 1024 px: arguments 22.2 GiB, XLA:CPU temp 11.1 GiB, peak 33.3 GiB, compiled in 22 s; fsdp=4 x
+tensor=2: 22.2 / 14.7 / 36.9 GiB (docs/results.md; per-layer blocks: temp 142.3 GiB).
 CLIP reads the 77 ids of `tokenizer` (CLIP BPE), T5 the 512 ids of `tokenizer_2` (T5's sentencepiece), as
 diffusers' FluxPipeline tokenises (tested: tests/test_flow_train.py::test_two_tokenizers_match_flux_pipeline).
 Variant `:small` = 512 px (quicker compile checks).

@@ -42,6 +42,15 @@ def test_sft_starts_from_pretrain_ema(read_group, pretrained, tmp_path):
       np.testing.assert_array_equal(src[k], got[k], err_msg=f"{group}/{k}")
 
 
+def test_init_from_refuses_other_layer_layout(pretrained, tmp_path):
+  """A scan_layers run cannot silently start from a per-layer run's blocks (they would all stay random)."""
+  cfg = flux_shapes_sft.get_config("smoke")
+  cfg.init_from.workdir = str(pretrained)
+  cfg.transformer.scan_layers = True
+  with pytest.raises(ValueError, match="scan_layers"):
+    loop.train(cfg, str(tmp_path))
+
+
 def test_guidance_distillation_keeps_teacher_frozen(read_group, pretrained, tmp_path):
   cfg = flux_shapes_distill.get_config("smoke")
   cfg.init_from.workdir = str(pretrained)

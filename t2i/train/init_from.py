@@ -68,6 +68,17 @@ def _grow(x: jax.Array, target: Any, axis: int) -> jax.Array:
   return jax.device_put(out, target.sharding)
 
 
+def _check_layer_layout(src_top: set[str], want_top: set[str], where: str) -> None:
+  """Blocks stored per layer in one run and stacked for scan in the other cannot be matched leaf by leaf."""
+  from t2i.nn.layers import STACK_SUFFIX
+  for name in want_top ^ src_top:
+    if name.endswith(STACK_SUFFIX) and f"{name[:-len(STACK_SUFFIX)]}_0" in want_top | src_top:
+      stacked = "this run" if name in want_top else "the source run"
+      raise ValueError(f"{where}: {stacked} stacks {name[:-len(STACK_SUFFIX)]} for scan (scan_layers=True) and "
+                       "the other stores them per layer; set the same scan_layers in both, or load the diffusers "
+                       "folder with config.<model>.checkpoint (it stacks as needed)")
+
+
 def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = True, step: int = -1,
                    grow: bool = False) -> dict[str, PartialParams]:
   """wants: target group -> (source group, abstract tree of ShapeDtypeStructs with shardings).
@@ -89,6 +100,7 @@ def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = 
       continue
     src = traverse_util.flatten_dict(tree[source])
     want = traverse_util.flatten_dict(abstract)
+    _check_layer_layout({k[0] for k in src}, {k[0] for k in want}, f"init {target} from {d}/{source}")
     hit = {k: v for k, v in want.items() if k in src and tuple(src[k].shape) == tuple(v.shape)}
     grown = {k: _grown_axis(tuple(src[k].shape), tuple(v.shape)) for k, v in want.items()
              if grow and k in src and k not in hit}

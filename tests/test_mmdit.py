@@ -258,12 +258,13 @@ def test_scan_layers_matches_unrolled(tiny):
 
   from experiments import common
   from t2i import parallel
-  from t2i.models.mmdit import stack_layers, unstack_layers
+  from t2i.models.mmdit import BLOCK_KINDS
+  from t2i.nn.scan import stack_layers, unstack_layers
   from t2i.parallel import sharding
   from t2i.train.optimizer import decay_mask
 
   module, params, x, _, _ = tiny
-  stacked = stack_layers(params)
+  stacked = stack_layers(params, BLOCK_KINDS)
   assert sorted(k for k in stacked if "blocks" in k) == ["single_transformer_blocks_stack", "transformer_blocks_stack"]
   flat = flax.traverse_util.flatten_dict
   assert flat(unstack_layers(stacked)).keys() == flat(params).keys()

@@ -43,12 +43,17 @@ def _save_random_diffusers_unet(config, folder, seed=0):
   return model
 
 
-@pytest.mark.parametrize("name", list(TINY_CONFIGS))
-def test_parity_with_diffusers(name, tmp_path):
+@pytest.mark.parametrize("name,scan", [(n, False) for n in TINY_CONFIGS] + [("sdxl_like", True)],
+                         ids=list(TINY_CONFIGS) + ["sdxl_like_scan_layers"])
+def test_parity_with_diffusers(name, scan, tmp_path):
   torch = pytest.importorskip("torch")
   config = TINY_CONFIGS[name]
   ref = _save_random_diffusers_unet(config, tmp_path)
-  module, params = load_diffusers_unet(tmp_path)
+  module, params = load_diffusers_unet(tmp_path, scan_layers=scan)
+  if scan:  # the depth-2 transformer of level 2 is one stacked subtree (t2i.nn.scan)
+    stack = params["down_blocks_1_attentions_0"]["transformer_blocks_stack"]
+    assert stack["attn1"]["to_q"]["dense"]["kernel"].shape[0] == 2
+    assert "transformer_blocks_0" not in params["down_blocks_1_attentions_0"]
 
   # Converted params match the module's own init exactly (structure, shapes, float32).
   abstract = abstract_params(module)

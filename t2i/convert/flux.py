@@ -17,7 +17,8 @@ import jax
 import numpy as np
 
 from t2i.convert.common import CheckpointError, TensorReader, load_folder, params_from_reader
-from t2i.models.mmdit import FluxTransformer, dummy_inputs, stack_layers
+from t2i.models.mmdit import BLOCK_KINDS, FluxTransformer, dummy_inputs
+from t2i.nn.scan import stack_layers
 
 _INDEXED = re.compile(r"^(transformer_blocks|single_transformer_blocks)_(\d+)$")
 _RENAME = {("attn", "to_out"): "to_out.0", ("ff", "fc1"): "net.0.proj", ("ff", "fc2"): "net.2",
@@ -78,9 +79,9 @@ def abstract_params(module: FluxTransformer) -> Any:
 
 def convert_flux_state(module: FluxTransformer, reader: TensorReader) -> dict[str, Any]:
   """Builds the params tree of `module` from diffusers tensors; every tensor must be consumed. A module with
-  `scan_layers=True` gets the blocks stacked (`t2i.models.mmdit.stack_layers`)."""
+  `scan_layers=True` gets the blocks stacked (`t2i.nn.scan.stack_layers`)."""
   params = params_from_reader(abstract_params(module.clone(scan_layers=False)), reader, _take)
-  return stack_layers(params) if module.scan_layers else params
+  return stack_layers(params, BLOCK_KINDS) if module.scan_layers else params
 
 
 def load_diffusers_flux(folder: str | pathlib.Path, **module_overrides) -> tuple[FluxTransformer, dict]:

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from t2i.convert.common import CheckpointError, TensorReader, load_folder, params_from_reader
-from t2i.models.unet import UNet2DConditionModel, dummy_inputs
+from t2i.models.unet import BLOCK_KINDS, UNet2DConditionModel, dummy_inputs
+from t2i.nn.scan import stack_layers
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)$")
 _MID = re.compile(r"^mid_block_(resnets|attentions)_(\d+)$")
@@ -69,8 +70,10 @@ def abstract_params(module: UNet2DConditionModel) -> Any:
 
 
 def convert_unet_state(module: UNet2DConditionModel, reader: TensorReader) -> dict[str, Any]:
-  """Builds the params tree of `module` from diffusers tensors; every tensor must be consumed."""
-  return params_from_reader(abstract_params(module), reader, _take)
+  """Builds the params tree of `module` from diffusers tensors; every tensor must be consumed. A module with
+  `scan_layers=True` gets its transformer blocks stacked (`t2i.nn.scan.stack_layers`)."""
+  params = params_from_reader(abstract_params(module.clone(scan_layers=False)), reader, _take)
+  return stack_layers(params, BLOCK_KINDS) if module.scan_layers else params
 
 
 def load_diffusers_unet(folder: str | pathlib.Path, **module_overrides) -> tuple[UNet2DConditionModel, dict]:

@@ -27,14 +27,14 @@ Hooks for methods built on top:
 
 `scan_layers=True` runs each block kind in a `jax.lax.scan` (`nn.scan`): params of the N blocks are stacked
 under `transformer_blocks_stack` / `single_transformer_blocks_stack` with a leading "layers" axis
-(`stack_layers` / `unstack_layers` convert to and from the per-block layout diffusers' names map onto). One
+(`t2i.nn.scan.stack_layers(params, BLOCK_KINDS)` / `unstack_layers` convert to and from the per-block layout
+diffusers' names map onto). One
 compiled body instead of 57, and under FSDP only one block's gathered weights and full-size gradients are live
 at a time (docs/results.md: the flux1_dev step's per-device temp memory).
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -44,8 +44,9 @@ import numpy as np
 
 from t2i.nn.attention import attention_weights, dot_product_attention
 from t2i.nn.embeddings import TimestepMLP
-from t2i.nn.layers import STACK_SUFFIX, Dense, RMSNorm, TOKEN_AXES, constrain
+from t2i.nn.layers import Dense, RMSNorm, TOKEN_AXES, constrain
 from t2i.nn.rope import apply_rope, rope_frequencies
+from t2i.nn.scan import STACK_SUFFIX, scanned
 
 Dtype = Any
 Freqs = tuple[jax.Array, jax.Array]
@@ -242,15 +243,6 @@ class _SingleStep(SingleStreamBlock):
     return super().__call__(x, vec, freqs), None
 
 
-def _scanned(step: type[nn.Module], length: int, remat: bool) -> type[nn.Module]:
-  """`length` copies of a block step applied in a `jax.lax.scan`: their params stacked on a leading "layers" axis
-  (one compiled body; under FSDP one layer's gathered weights and full gradients live at a time)."""
-  step = nn.remat(step, prevent_cse=False) if remat else step  # inside scan, CSE cannot undo the remat
-  return nn.scan(step, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                 in_axes=(nn.broadcast, nn.broadcast), length=length,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
-
-
 class TimeTextEmbed(nn.Module):
   """vec = MLP(sin256(t)) [+ MLP(sin256(g))] + MLP(pooled) (t, g already multiplied by 1000)."""
   dim: int
@@ -336,10 +328,10 @@ class FluxTransformer(nn.Module):
                              self.rope_theta)
 
     if self.scan_layers:
-      img, txt = _scanned(_DoubleStep, self.num_layers, self.remat)(
+      img, txt = scanned(_DoubleStep, self.num_layers, self.remat, 2)(
           heads, head_dim, name="transformer_blocks" + STACK_SUFFIX, **kw)((img, txt), vec, freqs)[0]
       x = jnp.concatenate([txt, img], axis=1)
-      x = _scanned(_SingleStep, self.num_single_layers, self.remat)(
+      x = scanned(_SingleStep, self.num_single_layers, self.remat, 2)(
           heads, head_dim, name="single_transformer_blocks" + STACK_SUFFIX, **kw)(x, vec, freqs)[0]
     else:
       double = nn.remat(DoubleStreamBlock) if self.remat else DoubleStreamBlock
@@ -357,29 +349,7 @@ class FluxTransformer(nn.Module):
     return Dense(out_ch, axes=("embed", None), name="proj_out", **kw)(img)
 
 
-_BLOCK_KINDS = ("transformer_blocks", "single_transformer_blocks")
-
-
-def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
-  """Per-block params (`transformer_blocks_{i}`, ...) -> the `scan_layers=True` layout (`*_stack`, leading N)."""
-  out = dict(params)
-  for kind in _BLOCK_KINDS:
-    keys = sorted((k for k in params if re.fullmatch(rf"{kind}_\d+", k)), key=lambda k: int(k.rsplit("_", 1)[1]))
-    if keys:
-      out[kind + STACK_SUFFIX] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                                              *[out.pop(k) for k in keys])
-  return out
-
-
-def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
-  """Inverse of `stack_layers`."""
-  out = dict(params)
-  for kind in _BLOCK_KINDS:
-    stacked = out.pop(kind + STACK_SUFFIX, None)
-    if stacked is not None:
-      n = jax.tree.leaves(stacked)[0].shape[0]
-      out.update({f"{kind}_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(n)})
-  return out
+BLOCK_KINDS = ("transformer_blocks", "single_transformer_blocks")  # the scanned kinds (t2i.nn.scan.stack_layers)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ Hooks for methods built on top:
   * every cross-attention computes its keys/values in `Attention.project_kv(context)`, which a
     caller can replace with `flax.linen.intercept_methods`;
   * with `mutable=["intermediates"]`, every cross-attention sows its probabilities
-    [batch, heads, q_len, k_len] as "cross_attn_probs".
+    [batch, heads, q_len, k_len] as "cross_attn_probs" (stacked on a leading axis under `scan_layers`).
+
+`scan_layers=True` runs the blocks of every spatial transformer in a `jax.lax.scan` (params under
+`transformer_blocks_stack`, see `t2i.nn.scan`); the diffusers loader stacks on load.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 from t2i.nn.attention import attention_weights, dot_product_attention
 from t2i.nn.embeddings import TimestepMLP, timestep_embedding
 from t2i.nn.layers import Conv, Dense, GroupNorm, IMAGE_AXES, LayerNorm, TOKEN_AXES, constrain
+from t2i.nn.scan import STACK_SUFFIX, scanned
 
 Dtype = Any
 IMAGE, TOKENS = IMAGE_AXES, TOKEN_AXES
@@ -104,6 +108,16 @@ class TransformerBlock(nn.Module):
     return constrain(x, TOKENS)
 
 
+class _BlockStep(TransformerBlock):
+  """TransformerBlock as a scan step: carry tokens -> (tokens, None)."""
+
+  def __call__(self, x, context):  # type: ignore[override]
+    return super().__call__(x, context), None
+
+
+BLOCK_KINDS = ("transformer_blocks",)  # the scanned kinds (t2i.nn.scan.stack_layers)
+
+
 class SpatialTransformer(nn.Module):
   """GroupNorm -> proj_in -> `depth` transformer blocks on HW tokens -> proj_out, plus residual."""
   heads: int
@@ -111,6 +125,7 @@ class SpatialTransformer(nn.Module):
   norm_num_groups: int
   use_linear_projection: bool
   remat: bool = False
+  scan: bool = False   # blocks in a jax.lax.scan, params under "transformer_blocks_stack" (t2i.nn.scan)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -127,9 +142,13 @@ class SpatialTransformer(nn.Module):
     else:
       y = Conv(c, (1, 1), name="proj_in", **kw)(y).reshape(b, h * w, c)
     y = constrain(y, TOKENS)
-    block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
-    for i in range(self.depth):
-      y = block(self.heads, c // self.heads, name=f"transformer_blocks_{i}", **kw)(y, context)
+    if self.scan:
+      y = scanned(_BlockStep, self.depth, self.remat, 1)(self.heads, c // self.heads,
+                                                         name="transformer_blocks" + STACK_SUFFIX, **kw)(y, context)[0]
+    else:
+      block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+      for i in range(self.depth):
+        y = block(self.heads, c // self.heads, name=f"transformer_blocks_{i}", **kw)(y, context)
     if self.use_linear_projection:
       y = Dense(c, axes=("heads", "embed"), name="proj_out", **kw)(y).reshape(b, h, w, c)
     else:
@@ -221,6 +240,7 @@ class UNet2DConditionModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = False  # each SpatialTransformer's blocks in a jax.lax.scan (t2i.nn.scan; SDXL's depth 10)
 
   @classmethod
   def from_config(cls, config: dict[str, Any], **overrides) -> "UNet2DConditionModel":
@@ -264,7 +284,7 @@ class UNet2DConditionModel(nn.Module):
 
     def transformer(name, nheads, depth):
       return SpatialTransformer(nheads, depth, groups, self.use_linear_projection, remat=self.remat,
-                                name=name, **kw)
+                                scan=self.scan_layers, name=name, **kw)
 
     b = sample.shape[0]
     if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
@@ -388,7 +408,7 @@ def _fields_from_config(config: dict[str, Any]) -> dict[str, Any]:
   if isinstance(config.get("only_cross_attention"), list) and any(config["only_cross_attention"]):
     raise ValueError("UNet config: only_cross_attention is not supported")
   names = {f.name for f in dataclasses.fields(UNet2DConditionModel)} - {"parent", "name", "dtype",
-                                                                        "param_dtype", "remat"}
+                                                                        "param_dtype", "remat", "scan_layers"}
   out = {}
   for k, v in config.items():
     if k in names:

@@ -4,8 +4,7 @@ Logical axis names used across t2i (mapped to mesh axes by the rules table in th
   activations: "batch", "length" (token sequence), "height", "width", "embed" (channels / hidden)
   parameters:  "embed" (input/hidden features), "mlp" (expanded features), "heads" (heads*head_dim
                projections), "vocab", "conv_in", "conv_out", "norm", and None for small dims (kernel h/w);
-               "layers" is the leading axis of blocks stacked for `jax.lax.scan` (params under a key ending in
-               `STACK_SUFFIX`; see `is_layer_stacked`).
+               "layers" is the leading axis of blocks stacked for `jax.lax.scan` (`t2i.nn.scan`).
 """
 from __future__ import annotations
 
@@ -19,14 +18,6 @@ Dtype = Any
 Axes = tuple[str | None, ...]
 
 default_kernel_init = nn.initializers.lecun_normal()
-
-
-STACK_SUFFIX = "_stack"  # a param subtree named "<blocks>_stack" holds N blocks stacked on a leading "layers" axis
-
-
-def is_layer_stacked(path: Sequence[Any]) -> bool:
-  """Whether a param at `path` (keys or jax tree-path entries) lives in a layer stack (leading "layers" axis)."""
-  return any(str(getattr(k, "key", k)).endswith(STACK_SUFFIX) for k in path)
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:

@@ -70,7 +70,7 @@ def _grow(x: jax.Array, target: Any, axis: int) -> jax.Array:
 
 def _check_layer_layout(src_top: set[str], want_top: set[str], where: str) -> None:
   """Blocks stored per layer in one run and stacked for scan in the other cannot be matched leaf by leaf."""
-  from t2i.nn.layers import STACK_SUFFIX
+  from t2i.nn.scan import STACK_SUFFIX
   for name in want_top ^ src_top:
     if name.endswith(STACK_SUFFIX) and f"{name[:-len(STACK_SUFFIX)]}_0" in want_top | src_top:
       stacked = "this run" if name in want_top else "the source run"

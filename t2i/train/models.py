@@ -9,8 +9,8 @@ opponent, guidance-distillation teacher); see `t2i.train.init_from`.
 config.unet / config.transformer / config.text_encoder / config.text_encoder_2 / config.vae each hold:
   module: dotted path of a flax module class ("t2i.models.unet.UNet2DConditionModel");
   preset: optional name in the module file's *_PRESETS dict; config: dict of (diffusers-style) fields that
-  override the preset; dtype / param_dtype (strings); remat; scan_layers (MMDiT: blocks in a jax.lax.scan,
-  params stacked, see t2i.models.mmdit); checkpoint: optional diffusers / transformers
+  override the preset; dtype / param_dtype (strings); remat; scan_layers (repeated blocks in a jax.lax.scan,
+  params stacked, see t2i.nn.scan); checkpoint: optional diffusers / transformers
   save_pretrained folder (safetensors) whose config.json and weights replace preset/config and the random init.
   Text encoders also carry `trainable` and `hidden_layer` (-1 final output, -2 penultimate as in SDXL). `config.vae = None` trains in pixel space.
 """
@@ -148,7 +148,7 @@ def load_checkpoint_params(cfg: Any, name: str) -> Any:
   kind = _checkpoint_kind(cfg, name)
   if kind == "unet":
     from t2i.convert.unet import load_diffusers_unet
-    return load_diffusers_unet(cfg.checkpoint)[1]
+    return load_diffusers_unet(cfg.checkpoint, scan_layers=bool(cfg.get("scan_layers", False)))[1]
   if kind == "flux":
     from t2i.convert.flux import load_diffusers_flux
     return load_diffusers_flux(cfg.checkpoint, scan_layers=bool(cfg.get("scan_layers", False)))[1]

@@ -37,7 +37,7 @@ def decay_mask(kind: str) -> Any:
   if kind == "none":
     return lambda params: jax.tree.map(lambda _: False, params)
   if kind == "ndim>=2":  # per-layer ndim: a scanned stack's leading "layers" axis does not count
-    from t2i.nn.layers import is_layer_stacked
+    from t2i.nn.scan import is_layer_stacked
     return lambda params: jax.tree_util.tree_map_with_path(
         lambda path, p: p.ndim - is_layer_stacked(path) >= 2, params)
   raise ValueError(f"config.optimizer.wd_mask={kind!r}: expected 'ndim>=2', 'all' or 'none'")

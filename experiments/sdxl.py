@@ -7,10 +7,11 @@ Needs real hardware (TPU v5p-8 / 8x80 GB GPUs or more) and local copies of the w
       --config.tokenizer_2.path=/ckpt/sdxl/tokenizer_2 \
       --config.data.name=tfds --config.data.dataset=image_folder --config.data.data_dir=/data
   bash launch/tpu_pod.sh experiments/sdxl.py gs://bucket/sdxl ...    # multi-host
-Expected: per-device memory as printed by `python benchmarks/compile_step.py --config=experiments/sdxl.py` (AOT-compiled on a fake fsdp=8 CPU mesh,
-batch 1/device: 5.2 GiB params/optimiser/EMA arguments; XLA-CPU temp 42.3 GiB, or 26.5 GiB with
---config.cache.enabled=True; the CPU backend's figure is only an upper-bound hint for TPU/GPU);
-loss around 0.1 (epsilon MSE) on natural images. 
+Expected: per-device memory as printed by `python benchmarks/compile_step.py --config=experiments/sdxl.py
+--fast_compile [--cache]` (AOT-compiled on a fake fsdp=8 CPU mesh, batch 1/device, transformer blocks scanned):
+5.2 GiB params/optimiser/EMA arguments; XLA-CPU temp 8.8 GiB (peak 14.0), or 5.8 GiB (peak 11.0) on cached
+latents/embeddings; compiled in 2-3 minutes (per-layer blocks: temp 42.3 GiB, compile 45 minutes; docs/results.md);
+loss around 0.1 (epsilon MSE) on natural images.
 Fine-tuning: also set config.unet.checkpoint / config.text_encoder*.checkpoint to diffusers / transformers
 folders (safetensors); without them the U-Net trains from scratch.
 Variant `:small` = 512 px, batch 8 (quick compile checks).
@@ -50,8 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=77, vocab_size=0))
   # SDXL's second tokenizer pads with "!" (id 0) where the first pads with <|endoftext|>; bigG reads its own ids.
   c.tokenizer_2 = ml_collections.ConfigDict(dict(kind="pretrained", path="", max_length=77, vocab_size=0))
+  # scan_layers: the depth-2 / depth-10 spatial transformers' blocks in a jax.lax.scan (t2i.nn.scan).
   c.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", preset="sdxl", dtype="bfloat16",
-                                param_dtype="float32", remat=True)
+                                param_dtype="float32", remat=True, scan_layers=True)
   # Both encoders feed their penultimate hidden states (concatenated: 768 + 1280 = 2048); pooled = bigG's.
   c.text_encoder = clip_l(trainable=False, hidden_layer=-2, dtype="bfloat16")
   c.text_encoder_2 = clip_bigg(trainable=False, hidden_layer=-2, dtype="bfloat16")

@@ -129,6 +129,7 @@ def test_two_tokenizers_match_flux_pipeline(tmp_path, make_t5_tokenizer):
     ref = ref.numpy()
     assert ours.shape == ref.shape
     err = np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref))
+    print(f"two-tokenizer conditioning {ref.shape}: rel err {err:.2e}")
     assert err < 1e-5, err
 
   # The same two-tokenizer config trains (data, loop) and samples from its workdir alone (tokenizer_2/ saved).

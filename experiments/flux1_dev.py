@@ -12,7 +12,8 @@ Needs real hardware (TPU v5p-64 / 64x80 GB GPUs class for full fine-tuning) and 
 Expected: per-device memory as printed by `python benchmarks/compile_step.py --config=experiments/flux1_dev.py
 --mesh=fsdp=8 --fast_compile --cache` (and `--mesh=fsdp=4,tensor=2`), blocks scanned (`scan_layers`): fsdp=8 at
 batch 1/device, 1024 px: arguments 22.2 GiB, XLA:CPU temp 11.1 GiB, peak 33.3 GiB, compiled in 22 s; fsdp=4 x
-tensor=2: 22.2 / 14.7 / 36.9 GiB (docs/results.md; per-layer blocks: temp 142.3 GiB).
+tensor=2: 22.2 / 14.7 / 36.9 GiB (docs/results.md; per-layer blocks: temp 142.3 GiB). Without --cache (frozen
+T5-XXL, scanned too, and CLIP in the step): temp 11.1 GiB, peak 35.6 GiB.
 CLIP reads the 77 ids of `tokenizer` (CLIP BPE), T5 the 512 ids of `tokenizer_2` (T5's sentencepiece), as
 diffusers' FluxPipeline tokenises (tested: tests/test_flow_train.py::test_two_tokenizers_match_flux_pipeline).
 Variant `:small` = 512 px (quicker compile checks).
@@ -50,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                        param_dtype="float32", remat=True, scan_layers=True)
   c.text_encoder = sdxl.clip_l(trainable=False, dtype="bfloat16")
   c.text_encoder.config.max_position_embeddings = 77
-  c.text_encoder_2 = t5_xxl(trainable=False, dtype="bfloat16")
+  c.text_encoder_2 = t5_xxl(trainable=False, dtype="bfloat16", scan_layers=True)
   c.vae = common.module_config("t2i.models.vae.AutoencoderKL", preset="flux", dtype="bfloat16")
   c.data = ml_collections.ConfigDict(dict(name="tfds", data_dir="", dataset="image_folder", split="train",
                                           caption_dropout=0.0, random_crop=True, flip=False, worker_count=8))

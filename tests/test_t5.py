@@ -44,11 +44,12 @@ def _rel(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
-def test_parity_with_transformers(tmp_path, feed_forward_proj):
+@pytest.mark.parametrize("feed_forward_proj,scan", [("relu", False), ("gated-gelu", False), ("gated-gelu", True)])
+def test_parity_with_transformers(tmp_path, feed_forward_proj, scan):
   ref, folder = _save(tmp_path, feed_forward_proj)
-  model, params = load_transformers_t5_encoder(folder)
+  model, params = load_transformers_t5_encoder(folder, scan_layers=scan, remat=scan)
   assert model.feed_forward_proj == feed_forward_proj and model.num_layers == 2
+  assert ("block_stack" in params) == scan and ("block_0" in params) != scan  # scanned: blocks stacked
   ids, mask = _inputs()
   with torch.no_grad():
     want_nomask = ref(input_ids=torch.tensor(ids)).last_hidden_state.numpy()

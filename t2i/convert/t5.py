@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i.convert.common import CheckpointError, TensorReader, check_param_tree, read_config, read_safetensors
-from t2i.models.t5 import T5Encoder, parse_feed_forward_proj
+from t2i.models.t5 import BLOCK_KINDS, T5Encoder, parse_feed_forward_proj
+from t2i.nn.scan import stack_layers
 
 _FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
            "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon", "feed_forward_proj")
@@ -84,10 +85,11 @@ def _check_tree(model: Any, params: dict[str, Any], source: str) -> None:
 
 
 def load_transformers_t5_encoder(folder: str | pathlib.Path, dtype: Any = jnp.float32,
-                                 param_dtype: Any = jnp.float32, remat: bool = False
+                                 param_dtype: Any = jnp.float32, remat: bool = False, scan_layers: bool = False
                                  ) -> tuple[T5Encoder, dict[str, Any]]:
   """Reads config.json + *.safetensors of a T5EncoderModel (or a full T5 model's encoder half); returns
-  (module, unboxed params) with every tensor consumed or explicitly ignored (see the module docstring)."""
+  (module, unboxed params) with every tensor consumed or explicitly ignored (see the module docstring);
+  `scan_layers` stacks the blocks for a scanned module (`t2i.nn.scan`)."""
   folder = pathlib.Path(folder)
   config = read_config(folder)
   tensors = read_safetensors(folder)
@@ -99,4 +101,6 @@ def load_transformers_t5_encoder(folder: str | pathlib.Path, dtype: Any = jnp.fl
   params = t5_params_from_torch(model, reader)
   reader.check_consumed(ignore=_IGNORED_TENSORS)
   _check_tree(model, params, str(folder))
+  if scan_layers:
+    model, params = model.clone(scan_layers=True), stack_layers(params, BLOCK_KINDS)
   return model, jax.tree_util.tree_map(lambda v: jnp.asarray(np.asarray(v), param_dtype), params)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i.nn.layers import Dense, RMSNorm, TOKEN_AXES, constrain
+from t2i.nn.scan import STACK_SUFFIX, scanned
 
 Dtype = Any
 _NEG = -1e30
@@ -131,13 +132,24 @@ class T5Block(nn.Module):
     return constrain(x + h, TOKEN_AXES)
 
 
+class _BlockStep(T5Block):
+  """T5Block as a scan step: carry x -> (x, None)."""
+
+  def __call__(self, x, bias):  # type: ignore[override]
+    return super().__call__(x, bias), None
+
+
+BLOCK_KINDS = ("block",)  # the scanned kinds (t2i.nn.scan.stack_layers)
+
+
 class T5Encoder(nn.Module):
   """T5 encoder stack: `apply({"params": p}, input_ids, attention_mask=None)` -> last hidden state [b, n, d_model].
 
   input_ids: int [b, n]; attention_mask: optional [b, n] (1 = token, 0 = padding; padded keys are not attended,
   padded query positions still produce outputs, as in transformers). Params: `shared` (token embedding),
   `relative_attention_bias` (the first layer's [buckets, heads] table, used by every layer), `block_{i}`
-  {attn_norm, attn {q,k,v,o}, mlp_norm, mlp {wi | wi_0, wi_1; wo}}, `final_layer_norm`.
+  {attn_norm, attn {q,k,v,o}, mlp_norm, mlp {wi | wi_0, wi_1; wo}}, `final_layer_norm`; with `scan_layers` the
+  blocks run in a `jax.lax.scan`, stacked under `block_stack` (`t2i.nn.scan`).
   """
   vocab_size: int = 32128
   d_model: int = 512
@@ -153,6 +165,7 @@ class T5Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -176,10 +189,13 @@ class T5Encoder(nn.Module):
         raise ValueError(f"T5Encoder: attention_mask must have shape {(b, n)}, got {attention_mask.shape}")
       bias = bias + jnp.where(attention_mask.astype(bool), 0.0, _NEG)[:, None, None, :]
 
-    block_cls = nn.remat(T5Block) if self.remat else T5Block
-    for i in range(self.num_layers):
-      x = block_cls(self.num_heads, self.d_kv, self.d_ff, act, gated, self.layer_norm_epsilon, name=f"block_{i}",
-                    **kw)(x, bias)
+    args = (self.num_heads, self.d_kv, self.d_ff, act, gated, self.layer_norm_epsilon)
+    if self.scan_layers:
+      x = scanned(_BlockStep, self.num_layers, self.remat, 1)(*args, name="block" + STACK_SUFFIX, **kw)(x, bias)[0]
+    else:
+      block_cls = nn.remat(T5Block) if self.remat else T5Block
+      for i in range(self.num_layers):
+        x = block_cls(*args, name=f"block_{i}", **kw)(x, bias)
     return RMSNorm(self.layer_norm_epsilon, name="final_layer_norm", **kw)(x)
 
 

@@ -154,7 +154,7 @@ def load_checkpoint_params(cfg: Any, name: str) -> Any:
     return load_diffusers_flux(cfg.checkpoint, scan_layers=bool(cfg.get("scan_layers", False)))[1]
   if kind == "t5":
     from t2i.convert.t5 import load_transformers_t5_encoder
-    return load_transformers_t5_encoder(cfg.checkpoint)[1]
+    return load_transformers_t5_encoder(cfg.checkpoint, scan_layers=bool(cfg.get("scan_layers", False)))[1]
   if kind == "clip":
     from t2i.convert.clip import load_transformers_clip_text
     return load_transformers_clip_text(cfg.checkpoint)[1]

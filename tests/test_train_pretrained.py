@@ -60,13 +60,15 @@ def test_init_from_pretrained_folders(tmp_path):
     models_lib.build_module(bad, "unet")
 
 
-def test_convert_cli_checkpoint_starts_a_run(tmp_path):
-  """`python -m t2i.convert --pipeline=P --out=D` writes a checkpoint that config.init_from restores exactly."""
+@pytest.mark.parametrize("scan", [False, True], ids=["per_layer", "scan_layers"])
+def test_convert_cli_checkpoint_starts_a_run(tmp_path, scan):
+  """`python -m t2i.convert --pipeline=P --out=D [--scan_layers]` writes a checkpoint that config.init_from restores
+  exactly (into a run with the same scan_layers)."""
   from t2i.convert import __main__ as cli
   from t2i.train import init_from
   unet, clip = _tiny_reference_folders(tmp_path / "pipe")
-  report = cli.convert(str(tmp_path / "ckpt"), cli.folders(str(tmp_path / "pipe"), {}))
-  assert sorted(report) == ["text_encoder", "unet"]
+  report = cli.convert(str(tmp_path / "ckpt"), cli.folders(str(tmp_path / "pipe"), {}), scan_layers=scan)
+  assert sorted(report) == ["text_encoder", "unet"] and report["unet"]["scan_layers"] == scan
   assert report["unet"]["num_params"] == sum(p.numel() for p in unet.parameters())
   with pytest.raises(FileExistsError, match="choose an empty folder"):
     cli.convert(str(tmp_path / "ckpt"), cli.folders(str(tmp_path / "pipe"), {}))
@@ -76,7 +78,7 @@ def test_convert_cli_checkpoint_starts_a_run(tmp_path):
   cfg = sd_shapes.get_config("smoke")
   cfg.image_size = 8
   cfg.mesh = common.mesh_config(data=2, fsdp=2, tensor=2)
-  cfg.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", dict(UNET))
+  cfg.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", dict(UNET), scan_layers=scan)
   cfg.text_encoder = common.module_config("t2i.models.text.CLIPTextModel", dict(
       vocab_size=-1, eos_token_id=-1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
       num_attention_heads=2, max_position_embeddings=8, hidden_act="quick_gelu"), trainable=True)
@@ -90,6 +92,11 @@ def test_convert_cli_checkpoint_starts_a_run(tmp_path):
   state, _ = step_lib.init_state(models, tx, mesh, cfg.axis_rules, 0, shards, f_shards, pretrained)
   np.testing.assert_array_equal(np.asarray(state.params["unet"]["conv_in"]["conv"]["kernel"]),
                                 unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
+  attn = state.params["unet"]["down_blocks_0_attentions_0"]
+  to_q = attn["transformer_blocks_stack"]["attn1"]["to_q"]["dense"]["kernel"][0] if scan else \
+      attn["transformer_blocks_0"]["attn1"]["to_q"]["dense"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(to_q),
+                                unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().numpy().T)
   emb = state.params["text_encoder"]["token_embedding"]["embedding"]
   assert len(emb.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(emb)[:64], _clip_embedding(clip))

@@ -1,7 +1,7 @@
 """Convert diffusers / transformers `save_pretrained` folders into a t2i checkpoint that starts a training run.
 
   python -m t2i.convert --out=DIR [--pipeline=PIPE] [--unet=F] [--vae=F] [--text_encoder=F]
-      [--text_encoder_2=F] [--transformer=F]
+      [--text_encoder_2=F] [--transformer=F] [--scan_layers]
   python -m launch.main --config=experiments/sd15.py --workdir=W --config.init_from.workdir=DIR
 
 `--pipeline` takes a diffusers pipeline folder (model_index.json) and converts each of its subfolders named like a
@@ -11,7 +11,8 @@ t2i param group; the per-group flags override or add folders. The loader is chos
   DIR/converted.json        per group: t2i module, source folder, source class, parameter count
 The run that starts from DIR must build the same modules (e.g. the `sd15` / `sdxl` / `flux1_dev` presets, or
 `--config.<group>.checkpoint=F` for the module shape); leaves of another shape are reported by `init_from` and kept
-fresh. Safetensors only: pickled weights are refused with a message naming the folder.
+fresh. `--scan_layers` writes the U-Net / MMDiT / T5 blocks stacked for runs with `scan_layers=True` (`t2i.nn.scan`;
+`flux1_dev.py`, `sdxl.py`). Safetensors only: pickled weights are refused with a message naming the folder.
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ from absl import app, flags
 GROUPS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
 
 
-def _loader(folder: str) -> tuple[str, str, Callable[[str], tuple[Any, Any]]]:
+SCANNABLE = ("t2i.models.unet.UNet2DConditionModel", "t2i.models.mmdit.FluxTransformer", "t2i.models.t5.T5Encoder")
+
+
+def _loader(folder: str) -> tuple[str, str, Callable[..., tuple[Any, Any]]]:
   """(source class, t2i module path, loader) for a save_pretrained folder, from its config.json."""
   from t2i.convert.common import CheckpointError, read_config
   conf = read_config(folder)
@@ -67,8 +71,9 @@ def folders(pipeline: str | None, groups: dict[str, str | None]) -> dict[str, st
   return out
 
 
-def convert(out_dir: str, sources: dict[str, str]) -> dict[str, dict[str, Any]]:
-  """Writes the t2i checkpoint for `sources` (group -> folder) into `out_dir`; returns the converted.json rows."""
+def convert(out_dir: str, sources: dict[str, str], scan_layers: bool = False) -> dict[str, dict[str, Any]]:
+  """Writes the t2i checkpoint for `sources` (group -> folder) into `out_dir`; returns the converted.json rows.
+  `scan_layers`: blocks of the scannable modules stacked (the layout of a `scan_layers=True` run)."""
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
@@ -79,11 +84,12 @@ def convert(out_dir: str, sources: dict[str, str]) -> dict[str, dict[str, Any]]:
   params, report = {}, {}
   for group, folder in sources.items():
     cls, module, load = _loader(folder)
-    _, p = load(folder)
+    scan = scan_layers and module in SCANNABLE
+    _, p = load(folder, scan_layers=True) if scan else load(folder)
     params[group] = jax.tree.map(lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype,
                                                                                         np.floating) else np.asarray(x), p)
     report[group] = {"module": module, "source": os.path.abspath(folder), "source_class": cls,
-                     "num_params": int(sum(np.size(x) for x in jax.tree.leaves(p)))}
+                     "num_params": int(sum(np.size(x) for x in jax.tree.leaves(p))), "scan_layers": scan}
   target.parent.mkdir(parents=True, exist_ok=True)
   ocp.PyTreeCheckpointer().save(str(target), {"params": params})
   (out / "converted.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -95,6 +101,7 @@ def define_flags() -> None:
   flags.DEFINE_string("pipeline", None, "A diffusers pipeline folder (model_index.json + subfolders).")
   for g in GROUPS:
     flags.DEFINE_string(g, None, f"save_pretrained folder for param group {g!r}.")
+  flags.DEFINE_bool("scan_layers", False, "Stack U-Net / MMDiT / T5 blocks for runs with scan_layers=True.")
   flags.mark_flag_as_required("out")
 
 
@@ -104,7 +111,7 @@ def main(argv: Sequence[str]) -> None:
   import sys
   f = flags.FLAGS
   try:
-    report = convert(f.out, folders(f.pipeline, {g: f[g].value for g in GROUPS}))
+    report = convert(f.out, folders(f.pipeline, {g: f[g].value for g in GROUPS}), scan_layers=f.scan_layers)
   except (ValueError, FileExistsError) as e:  # CheckpointError is a ValueError
     print(f"t2i.convert: error: {e}", file=sys.stderr)
     sys.exit(2)

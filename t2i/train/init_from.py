@@ -75,8 +75,9 @@ def _check_layer_layout(src_top: set[str], want_top: set[str], where: str) -> No
     if name.endswith(STACK_SUFFIX) and f"{name[:-len(STACK_SUFFIX)]}_0" in want_top | src_top:
       stacked = "this run" if name in want_top else "the source run"
       raise ValueError(f"{where}: {stacked} stacks {name[:-len(STACK_SUFFIX)]} for scan (scan_layers=True) and "
-                       "the other stores them per layer; set the same scan_layers in both, or load the diffusers "
-                       "folder with config.<model>.checkpoint (it stacks as needed)")
+                       "the other stores them per layer; set the same scan_layers in both (convert with `python -m "
+                       "t2i.convert --scan_layers` for a scanned run), or load the diffusers folder with "
+                       "config.<model>.checkpoint (it stacks as needed)")
 
 
 def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = True, step: int = -1,

@@ -44,11 +44,16 @@ def test_sft_starts_from_pretrain_ema(read_group, pretrained, tmp_path):
 
 def test_init_from_refuses_other_layer_layout(pretrained, tmp_path):
   """A scan_layers run cannot silently start from a per-layer run's blocks (they would all stay random)."""
+  from t2i import parallel
+  from t2i.train import init_from, models as models_lib, optimizer as opt_lib, step as step_lib
   cfg = flux_shapes_sft.get_config("smoke")
   cfg.init_from.workdir = str(pretrained)
   cfg.transformer.scan_layers = True
+  models = models_lib.build_models(cfg, models_lib.setup_tokenizer(cfg, str(tmp_path)))
+  tx, _ = opt_lib.make_optimizer(cfg.optimizer, 10)
+  structs, _, f_structs, _ = step_lib.abstract_state(models, tx, parallel.make_mesh(cfg.mesh), cfg.axis_rules, True)
   with pytest.raises(ValueError, match="scan_layers"):
-    loop.train(cfg, str(tmp_path))
+    init_from.pretrained_from_runs(cfg, models, {**structs.params, **f_structs})
 
 
 def test_guidance_distillation_keeps_teacher_frozen(read_group, pretrained, tmp_path):

@@ -22,8 +22,9 @@ def test_sdxl_unet_param_count():
 
 @pytest.mark.slow
 def test_sdxl_train_step_compiles_fsdp8():
-  """Slow: compiling took 44 min (17 CPU-min, XLA -O0) on the 2-core dev machine; benchmarks/compile_step.py
-  prints the same figures (5.2 GiB arguments, 42.3 GiB temp per device on the CPU backend at batch 1/device)."""
+  """Slow: compiling the scanned U-Net takes 2-3 min at XLA -O0 on one core (per-layer blocks: 44 min);
+  benchmarks/compile_step.py prints the same figures (5.2 GiB arguments, 8.8 GiB temp per device on the CPU backend
+  at batch 1/device)."""
   cfg = sdxl.get_config()
   cfg.mesh = dict(data=1, fsdp=8, tensor=1)
   cfg.batch_size = 8

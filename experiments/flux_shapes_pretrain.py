@@ -4,7 +4,8 @@ Data: the shapes-bench `pretrain` split, where 30 % of the images carry a flaw (
 names ("..., blurry"), plus caption noise, so the flaw words become steerable with a negative prompt. The MMDiT
 has FLUX.1's structure (double- and single-stream blocks, 3-axis RoPE, T5 context + pooled CLIP vector, AdaLN)
 at toy size, over a parameter-free space-to-depth "latent" (2x2 pixel patches: 16x16x12 for 32 px, packed 2x2
-into 64 tokens). T5 and CLIP are tiny, trained jointly from scratch on the shapes BPE tokenizer.
+into 64 tokens). T5 and CLIP are tiny, trained jointly from scratch, and share the shapes BPE tokenizer (real FLUX
+gives each its own, `config.tokenizer_2`; see flux1_dev.py).
 
 Run (about 10 minutes on 2 CPU cores):
   python -m launch.main --config=experiments/flux_shapes_pretrain.py --workdir=workdirs/flux_pretrain

@@ -229,20 +229,6 @@ class SingleStreamBlock(nn.Module):
     return constrain(x + gate[:, None] * out, TOKENS)
 
 
-class _DoubleStep(DoubleStreamBlock):
-  """DoubleStreamBlock as a scan step: carry (img, txt) -> (carry, None)."""
-
-  def __call__(self, carry, vec, freqs):  # type: ignore[override]
-    return super().__call__(*carry, vec, freqs), None
-
-
-class _SingleStep(SingleStreamBlock):
-  """SingleStreamBlock as a scan step: carry x -> (carry, None)."""
-
-  def __call__(self, x, vec, freqs):  # type: ignore[override]
-    return super().__call__(x, vec, freqs), None
-
-
 class TimeTextEmbed(nn.Module):
   """vec = MLP(sin256(t)) [+ MLP(sin256(g))] + MLP(pooled) (t, g already multiplied by 1000)."""
   dim: int
@@ -328,10 +314,10 @@ class FluxTransformer(nn.Module):
                              self.rope_theta)
 
     if self.scan_layers:
-      img, txt = scanned(_DoubleStep, self.num_layers, self.remat, 2)(
+      img, txt = scanned(DoubleStreamBlock, self.num_layers, self.remat, 2)(
           heads, head_dim, name="transformer_blocks" + STACK_SUFFIX, **kw)((img, txt), vec, freqs)[0]
       x = jnp.concatenate([txt, img], axis=1)
-      x = scanned(_SingleStep, self.num_single_layers, self.remat, 2)(
+      x = scanned(SingleStreamBlock, self.num_single_layers, self.remat, 2)(
           heads, head_dim, name="single_transformer_blocks" + STACK_SUFFIX, **kw)(x, vec, freqs)[0]
     else:
       double = nn.remat(DoubleStreamBlock) if self.remat else DoubleStreamBlock

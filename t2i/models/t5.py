@@ -132,13 +132,6 @@ class T5Block(nn.Module):
     return constrain(x + h, TOKEN_AXES)
 
 
-class _BlockStep(T5Block):
-  """T5Block as a scan step: carry x -> (x, None)."""
-
-  def __call__(self, x, bias):  # type: ignore[override]
-    return super().__call__(x, bias), None
-
-
 BLOCK_KINDS = ("block",)  # the scanned kinds (t2i.nn.scan.stack_layers)
 
 
@@ -191,7 +184,7 @@ class T5Encoder(nn.Module):
 
     args = (self.num_heads, self.d_kv, self.d_ff, act, gated, self.layer_norm_epsilon)
     if self.scan_layers:
-      x = scanned(_BlockStep, self.num_layers, self.remat, 1)(*args, name="block" + STACK_SUFFIX, **kw)(x, bias)[0]
+      x = scanned(T5Block, self.num_layers, self.remat, 1)(*args, name="block" + STACK_SUFFIX, **kw)(x, bias)[0]
     else:
       block_cls = nn.remat(T5Block) if self.remat else T5Block
       for i in range(self.num_layers):

@@ -108,13 +108,6 @@ class TransformerBlock(nn.Module):
     return constrain(x, TOKENS)
 
 
-class _BlockStep(TransformerBlock):
-  """TransformerBlock as a scan step: carry tokens -> (tokens, None)."""
-
-  def __call__(self, x, context):  # type: ignore[override]
-    return super().__call__(x, context), None
-
-
 BLOCK_KINDS = ("transformer_blocks",)  # the scanned kinds (t2i.nn.scan.stack_layers)
 
 
@@ -143,7 +136,7 @@ class SpatialTransformer(nn.Module):
       y = Conv(c, (1, 1), name="proj_in", **kw)(y).reshape(b, h * w, c)
     y = constrain(y, TOKENS)
     if self.scan:
-      y = scanned(_BlockStep, self.depth, self.remat, 1)(self.heads, c // self.heads,
+      y = scanned(TransformerBlock, self.depth, self.remat, 1)(self.heads, c // self.heads,
                                                          name="transformer_blocks" + STACK_SUFFIX, **kw)(y, context)[0]
     else:
       block = nn.remat(TransformerBlock) if self.remat else TransformerBlock

@@ -7,6 +7,7 @@ the subtree `<kind>_stack`; `stack_layers` / `unstack_layers` convert between th
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Sequence
 
@@ -22,9 +23,23 @@ def is_layer_stacked(path: Sequence[Any]) -> bool:
   return any(str(getattr(k, "key", k)).endswith(STACK_SUFFIX) for k in path)
 
 
-def scanned(step: type[nn.Module], length: int, remat: bool, num_broadcast: int) -> type[nn.Module]:
-  """`length` copies of a block `step` (called as step(carry, *broadcast) -> (carry, None)) applied by `nn.scan`,
-  params stacked on axis 0 and named "layers" for the sharding rules; `num_broadcast` arguments are shared."""
+@functools.lru_cache(maxsize=None)
+def _as_step(block: type[nn.Module]) -> type[nn.Module]:
+  """`block` as a scan step: the carry (a tuple is spread) fills its leading arguments, its output is the new carry."""
+
+  class Step(block):  # type: ignore[valid-type, misc]
+    def __call__(self, carry, *shared):  # type: ignore[override]
+      return super().__call__(*(carry if isinstance(carry, tuple) else (carry,)), *shared), None
+
+  Step.__name__ = Step.__qualname__ = block.__name__ + "Step"
+  return Step
+
+
+def scanned(block: type[nn.Module], length: int, remat: bool, num_broadcast: int) -> type[nn.Module]:
+  """`length` copies of `block` applied by `nn.scan`, called as (carry, *shared) -> (carry, None): the carry is the
+  block's leading argument(s) and its output; the last `num_broadcast` arguments are shared by every layer. Params
+  are stacked on axis 0, named "layers" for the sharding rules."""
+  step = _as_step(block)
   step = nn.remat(step, prevent_cse=False) if remat else step  # inside scan, CSE cannot undo the remat
   return nn.scan(step, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                  in_axes=(nn.broadcast,) * num_broadcast, length=length,

@@ -146,15 +146,16 @@ def module_from_checkpoint(cfg: Any, name: str) -> nn.Module:
 def load_checkpoint_params(cfg: Any, name: str) -> Any:
   """Unboxed float32 params of `cfg.checkpoint` (numpy / host arrays)."""
   kind = _checkpoint_kind(cfg, name)
+  scan = bool(cfg.get("scan_layers", False))  # blocks stacked for a scanned module (t2i.nn.scan)
   if kind == "unet":
     from t2i.convert.unet import load_diffusers_unet
-    return load_diffusers_unet(cfg.checkpoint, scan_layers=bool(cfg.get("scan_layers", False)))[1]
+    return load_diffusers_unet(cfg.checkpoint, scan_layers=scan)[1]
   if kind == "flux":
     from t2i.convert.flux import load_diffusers_flux
-    return load_diffusers_flux(cfg.checkpoint, scan_layers=bool(cfg.get("scan_layers", False)))[1]
+    return load_diffusers_flux(cfg.checkpoint, scan_layers=scan)[1]
   if kind == "t5":
     from t2i.convert.t5 import load_transformers_t5_encoder
-    return load_transformers_t5_encoder(cfg.checkpoint, scan_layers=bool(cfg.get("scan_layers", False)))[1]
+    return load_transformers_t5_encoder(cfg.checkpoint, scan_layers=scan)[1]
   if kind == "clip":
     from t2i.convert.clip import load_transformers_clip_text
     return load_transformers_clip_text(cfg.checkpoint)[1]
@@ -453,9 +454,9 @@ def setup_tokenizer(config: Any, workdir: str) -> Tokenizer:
     if cfg is None or (os.path.isdir(out_dir) and os.listdir(out_dir)):
       continue
     kind = cfg.kind
-    if kind not in ("toy", "shapes", "pretrained") or (key == "tokenizer_2" and kind == "toy"):
-      raise ValueError(f"config.{key}.kind={kind!r}: expected 'toy', 'shapes' or 'pretrained'"
-                       if key == "tokenizer" else f"config.{key}.kind={kind!r}: expected 'shapes' or 'pretrained'")
+    kinds = ("toy", "shapes", "pretrained") if key == "tokenizer" else ("shapes", "pretrained")
+    if kind not in kinds:
+      raise ValueError(f"config.{key}.kind={kind!r}: expected one of {kinds}")
     if kind == "pretrained" and not os.path.isdir(os.path.expanduser(cfg.path or "")):
       raise FileNotFoundError(f"config.{key}.path={cfg.path!r}: not a folder (a tokenizer as save_pretrained "
                               "writes it, e.g. <pipeline>/tokenizer)")

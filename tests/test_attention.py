@@ -29,13 +29,16 @@ def _masks(b, lq, lk):
   return {"none": None, "general": jnp.asarray(general), "padding": jnp.asarray(padding)}
 
 
-@pytest.mark.parametrize("mask_name,block", [("none", None), ("none", 2200), ("none", 300),
-                                             ("general", None), ("general", 2200), ("padding", 2200)])
-def test_forward_and_gradients_match_reference(mask_name, block, monkeypatch):
-  # Default: one block. 2200 // (2 * 3 * 29) -> 3 blocks of 12 query rows; 300 -> 36 blocks of 1 row.
+@pytest.mark.parametrize("mask_name,block,lk", [
+    ("none", None, 29), ("none", 2200, 29), ("none", 300, 29), ("general", None, 29), ("general", 2200, 29),
+    ("padding", 2200, 29), ("none", 2200, 32), ("general", 2200, 32), ("padding", 2200, 32)])
+def test_forward_and_gradients_match_reference(mask_name, block, lk, monkeypatch):
+  # Default: one block. lk 29: 2200 // (2 * 3 * 29) -> 3 blocks of 12 query rows, backward over the same rows
+  # (29 keys only split into single keys); 300 -> 36 blocks of 1 row. lk 32: 2200 // (2 * 3 * 32) -> 9 rows ->
+  # 4 blocks of 9 query rows forward; the backward takes 4 blocks of 8 keys (dK, dV over all queries).
   if block is not None:
     monkeypatch.setattr(attention, "BLOCK_ELEMENTS", block)
-  q, k, v, g = _qkv()
+  q, k, v, g = _qkv(lk=lk)
   mask = _masks(q.shape[0], q.shape[1], k.shape[1])[mask_name]
 
   def loss(fn):
@@ -48,6 +51,25 @@ def test_forward_and_gradients_match_reference(mask_name, block, monkeypatch):
     want_grads = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
   assert out.shape == q.shape
   assert _rel(out, want) <= 1e-5
+  for name, a, b in zip("qkv", grads, want_grads):
+    assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
+
+
+@pytest.mark.parametrize("block", [None, 2200])
+def test_fully_masked_rows_are_uniform(block, monkeypatch):
+  # A row that may attend nowhere averages all values (finite "-inf"), in the forward and the gradients alike.
+  if block is not None:
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", block)
+  q, k, v, g = _qkv(lk=32)
+  mask = np.ones((2, 1, q.shape[1], 32), bool)
+  mask[:, :, 5] = False
+  mask = jnp.asarray(mask)
+  loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v, mask) * g))
+  with jax.default_matmul_precision("highest"):
+    out = jax.jit(dot_product_attention)(q, k, v, mask)
+    grads = jax.jit(jax.grad(loss(dot_product_attention), argnums=(0, 1, 2)))(q, k, v)
+    want_grads = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(out[:, 5], v.mean(1), rtol=1e-5, atol=1e-6)
   for name, a, b in zip("qkv", grads, want_grads):
     assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
 

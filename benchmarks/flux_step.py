@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   a("--sample_steps", type=int, default=20, help="Euler steps per sample")
   a("--sample_rounds", type=int, default=3, help="timed sampling calls per framework")
   a("--threads", type=int, default=2, help="torch intra-op threads")
+  a("--devices", type=int, default=-1, help="XLA CPU devices for our train step, batch split over them (data "
+    "parallel): -1 = one per available core that divides the batch, as launch.main runs; 1 = one device")
   a("--diagnose", choices=("auto", "on", "off"), default="auto",
     help="where-does-the-time-go section; auto = when torch/ours train-step ratio < 2")
   a("--diag_reps", type=int, default=5, help="timed repeats per diagnostic measurement")
@@ -166,6 +168,9 @@ def dense_2d_class() -> type:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
+  from t2i.parallel import host
+  n_dev = host.set_cpu_devices(host.devices_for(host.available_cores(), args.batch) if args.devices < 0
+                               else args.devices)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
   print(f"config: {cfg}")
   print(f"batch {b}, image tokens {li} ({args.grid}x{args.grid} packed, {args.in_channels} ch), text tokens {lt}; "
         f"params {n_params / 1e6:.2f} M; jax {jax.__version__} on {jax.devices()[0].platform} "
-        f"x{len(jax.devices())}; torch {torch.__version__}, {args.threads} threads; "
+        f"x{len(jax.devices())} (train step data parallel over {n_dev}); torch {torch.__version__}, {args.threads} threads; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   print(f"[1] parity (load_diffusers_flux of save_pretrained): forward rel err {results['parity']:.2e} "
         f"(max|ref| {np.abs(want).max():.3f})", flush=True)
@@ -289,16 +294,30 @@ def main(argv: list[str] | None = None) -> None:
       return optax.apply_updates(p, updates), o, r, loss
     return step
 
+  replicated = None
+  if n_dev > 1:  # the train step runs data parallel: params / optimiser replicated, batch split over devices
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    split = lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec("data")) if a.shape[0] == b else replicated)
+    batch = jax.tree.map(split, batch)
+
   def ours_runner(step_jit: Callable) -> Callable[[], None]:
     params = jax.tree.map(lambda a: jnp.array(a, copy=True), params_np)
-    state = {"p": params, "o": tx.init(params), "r": jax.random.key(args.seed + 1)}
+    # A raw uint32 key: a typed key array, replicated over 2 devices, added a second jit cache entry (no recompile).
+    state = {"p": params, "o": tx.init(params), "r": jax.random.PRNGKey(args.seed + 1)}
+    if n_dev > 1:
+      state = jax.device_put(state, replicated)
 
     def run() -> float:
       state["p"], state["o"], state["r"], loss = step_jit(state["p"], state["o"], state["r"], *batch)
       return float(loss)
     return run
 
-  step_jit = jax.jit(make_step(), donate_argnums=(0, 1))
+  def jit_step() -> Callable:
+    return jax.jit(make_step(), donate_argnums=(0, 1), out_shardings=replicated)
+
+  step_jit = jit_step()
   ours_step = ours_runner(step_jit)
   t0 = time.perf_counter()
   first_loss = ours_step()
@@ -336,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
   # ---------------------------------------------------------------- 3. FLOPs and MFU
   state0 = jax.tree.map(jnp.asarray, params_np)
   with patched(mmdit, "dot_product_attention", reference_attention):
-    cost = jax.jit(make_step()).lower(state0, tx.init(state0), jax.random.key(0), *batch).cost_analysis()
+    whole = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # unsharded: FLOPs of the whole step
+    cost = jax.jit(make_step()).lower(state0, tx.init(state0), jax.random.PRNGKey(0),
+                                      *jax.tree.map(whole, batch)).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   results["flops"] = flops = float(cost.get("flops", float("nan")))
   results["analytic"] = analytic = 3 * forward_flops(cfg, b, li, lt)
@@ -356,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
   run_diag = args.diagnose == "on" or (args.diagnose == "auto" and slow)
   if run_diag:
     diagnose(args, results, module=module, params_np=params_np, batch=batch, fwd=fwd, g_kw=g_kw,
-             torch_forward=torch_forward, ours_step=ours_step, torch_step=torch_step, make_step=make_step,
+             torch_forward=torch_forward, ours_step=ours_step, torch_step=torch_step, jit_step=jit_step,
              ours_runner=ours_runner, torch_flux=torch_flux, mmdit=mmdit)
   cache = {"train step": step_jit._cache_size(), "sampler": flow_sampling._sample_jit._cache_size()}
   print(f"jit cache entries after all calls (1 = no recompilation): {cache}", flush=True)
@@ -384,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def diagnose(args: argparse.Namespace, results: dict[str, Any], *, module, params_np, batch, fwd, g_kw,
-             torch_forward, ours_step, torch_step, make_step, ours_runner, torch_flux, mmdit) -> None:
+             torch_forward, ours_step, torch_step, jit_step, ours_runner, torch_flux, mmdit) -> None:
   """Forward-only, attention-replaced and attention-only timings (appends lines to results["diag"])."""
   import jax
   import jax.numpy as jnp
@@ -420,8 +441,7 @@ def diagnose(args: argparse.Namespace, results: dict[str, Any], *, module, param
   for name, attr, value in (("einsum attention", "dot_product_attention", reference_attention),
                             ("no attention", "dot_product_attention", no_attention),
                             ("2-D Dense", "Dense", dense_2d_class())):
-    step_jit = jax.jit(make_step(), donate_argnums=(0, 1))
-    run = ours_runner(step_jit)
+    run = ours_runner(jit_step())
     with patched(mmdit, attr, value):
       run()  # traced and compiled here, with the patch
     variants[name] = run

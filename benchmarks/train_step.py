@@ -1,6 +1,6 @@
 r"""U-Net train step: t2i (JAX, jit) vs diffusers (PyTorch), same config and batch, one run.
 
-  python benchmarks/train_step.py --channels=64,128,256 --size=32 --batch=8 --steps=10
+  python benchmarks/train_step.py --channels=64,128,256 --size=32 --batch=8 --steps=10 [--devices=1]
 
 Step = forward + backward + AdamW update, loss = MSE(prediction, eps) on a fixed noised batch.
 Steps of the two frameworks are interleaved (ours, torch, ours, ...) so that background load hits
@@ -30,6 +30,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per framework (after one
 _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads")
 _TORCH = flags.DEFINE_bool("torch", True, "also time diffusers/PyTorch")
 _REMAT = flags.DEFINE_bool("remat", False, "remat resnet/transformer blocks (ours)")
+_DEVICES = flags.DEFINE_integer("devices", -1, "XLA CPU devices for ours, batch sharded over them (data "
+                                "parallel): -1 = one per available core that divides the batch, as launch.main "
+                                "runs; 1 = a single device (t2i/parallel/host.py)")
 
 
 def unet_config() -> dict:
@@ -62,6 +65,9 @@ def _timed(fn) -> float:
 
 def main(argv):
   del argv
+  from t2i.parallel import host
+  n_dev = host.set_cpu_devices(host.devices_for(host.available_cores(), _BATCH.value) if _DEVICES.value < 0
+                               else _DEVICES.value)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -99,6 +105,11 @@ def main(argv):
     return optax.apply_updates(p, updates), o, loss
 
   batch = tuple(jnp.asarray(a) for a in (noisy, t, ctx, eps))
+  if n_dev > 1:  # data parallel: params and optimiser state replicated, batch split over the devices
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
+    params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, PartitionSpec()))
+    batch = tuple(jax.device_put(a, NamedSharding(mesh, PartitionSpec("data"))) for a in batch)
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch).compile()
   compile_s = time.perf_counter() - t0
@@ -106,7 +117,9 @@ def main(argv):
   from t2i.nn.attention import reference_attention
   fast_attention, unet_lib.dot_product_attention = unet_lib.dot_product_attention, reference_attention
   try:
-    cost = jax.jit(step).lower(params, opt_state, *batch).cost_analysis()
+    whole = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # unsharded: FLOPs of the whole step
+    # A fresh function object: `jax.jit(step)` could reuse the trace made above with the blocked attention.
+    cost = jax.jit(lambda *a: step(*a)).lower(*jax.tree.map(whole, (params, opt_state, *batch))).cost_analysis()
   finally:
     unet_lib.dot_product_attention = fast_attention
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -164,7 +177,7 @@ def main(argv):
   ours_ms = 1e3 * statistics.median(ours_t)
   print(f"config: {cfg}")
   print(f"batch {b}, {s}x{s}x4 latents, {_TOKENS.value} tokens x {_CTX.value}; params {n_params / 1e6:.2f} M; "
-        f"jax devices {jax.devices()[0].platform} x{len(jax.devices())}; torch threads {_THREADS.value}; "
+        f"ours on {n_dev} {jax.devices()[0].platform} device(s), batch split over them; torch threads {_THREADS.value}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"ours  compile {compile_s:.1f} s")
   print(f"ours  train step {ours_ms:8.1f} ms (median of {len(ours_t)}; min {1e3 * min(ours_t):.1f}), "

@@ -17,6 +17,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. experiments/sd_shapes.py",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples (resumes if present).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", -1, "XLA CPU devices for a CPU-only run: -1 = one per available core (largest count that divides "
+    "the batch and fits the mesh), 1 = XLA's single device. Ignored when XLA_FLAGS already sets a count; no effect "
+    "on GPU/TPU. See t2i/parallel/host.py.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Any of these means a multi-process launch whose coordinator jax.distributed.initialize() can find.
@@ -54,9 +58,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
+  from t2i.parallel import host
   if multi_process_env():
+    import jax
     jax.distributed.initialize()
+  elif _CPU_DEVICES.value < 0:
+    host.cpu_devices_for_config(_CONFIG.value)
+  else:
+    host.set_cpu_devices(_CPU_DEVICES.value)
+  import jax
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   from t2i.train.loop import train

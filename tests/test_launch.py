@@ -144,3 +144,20 @@ def test_sigterm_saves_and_stops(tmp_path, cache_dir):
   last = max(read_metrics(tmp_path))
   assert last < N and "saved a checkpoint at step" in err
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [last]
+
+
+@pytest.mark.parametrize("flag,want", [(None, "cores"), ("--cpu_devices=1", 1)])
+def test_cpu_run_uses_one_device_per_core(tmp_path, cache_dir, flag, want):
+  # Without a device count in XLA_FLAGS, a CPU run gets one XLA device per available core that divides the batch
+  # (t2i/parallel/host.py), and the mesh's data axis fills them.
+  from experiments import sd_shapes
+  from t2i.parallel import host
+  if want == "cores":
+    want = host.devices_for(host.available_cores(), sd_shapes.get_config("smoke").batch_size)
+  env = dict(run_env(cache_dir), XLA_FLAGS="--xla_backend_optimization_level=0")
+  cmd = [sys.executable, "-m", "launch.main", f"--config={SMOKE}", f"--workdir={tmp_path}",
+         "--config.total_steps=2", "--config.ckpt_every=2", "--config.sample_every=0"] + ([flag] if flag else [])
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"{want} local / {want} global devices" in proc.stderr
+  assert f"'data': {want}," in proc.stderr

@@ -54,7 +54,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       # image and "image_l" = the other, cropped alike; ties / undecided labels are skipped and counted ("tie").
       "pair": False,
       # Data curation hook: "module.function" (image uint8 [h, w, 3], caption) -> score; samples scoring below
-      # quality_min are skipped and counted ("quality"), e.g. "data_pipelines.shapes.scoring.sharpness_score".
+      # quality_min are skipped and counted ("quality"), e.g. "data_pipelines.shapes.scoring.palette_fidelity_score".
       "quality_filter": "",
       "quality_min": 0.0,
   })

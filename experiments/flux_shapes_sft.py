@@ -6,7 +6,8 @@ Run (after experiments/flux_shapes_pretrain.py; about 3 minutes on 2 CPU cores):
       --config.init_from.workdir=workdirs/flux_pretrain
 Expected: the SFT rows of the Krea tables in docs/results.md (measured: overall 0.150 -> 0.150 on 120 prompts,
 0.153 -> 0.120 on 300 others; the goal, higher accuracy than pre-training, is not reached).
-Variants: `:filtered` (pre-training split curated by the sharpness quality filter instead of the curated split);
+Variants: `:filtered` (the whole pre-training split curated by a quality filter, palette fidelity >= 0.9, instead
+of the curated split);
 `:smoke` (tests).
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "filtered":
     c.data.shapes_split = "pretrain"
     c.data.shapes_num = 20000
-    c.data.quality_filter = "data_pipelines.shapes.scoring.sharpness_score"
-    c.data.quality_min = 400.0
+    c.data.quality_filter = "data_pipelines.shapes.scoring.palette_fidelity_score"
+    c.data.quality_min = 0.9
   elif variant == "smoke":
     pretrain.smoke(c)
   elif variant != "default":

@@ -196,6 +196,20 @@ def test_corrupt_samples_skipped_and_counted():
   assert it.skip_counts == {"unreadable image": expected}
 
 
+def test_quality_filter_skips_and_counts():
+  # The hook sees the decoded image; samples below quality_min are skipped and counted by reason "quality".
+  rng = np.random.default_rng(0)
+  flat = lambda i: _png(np.full((24, 24, 3), (200, 200, 200), np.uint8))
+  noisy = lambda i: _png(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+  records = [{"image": (noisy if i % 3 == 2 else flat)(i), "caption": f"{'noisy' if i % 3 == 2 else 'flat'} {i}".encode()}
+             for i in range(24)]
+  cfg = config(quality_filter="data_pipelines.shapes.scoring.palette_fidelity_score", quality_min=0.9)
+  it = pipeline.make_train_iterator(cfg, hash_tokenizer, 4, source=records, seed=0)
+  batches = take(it, 6)
+  assert all(cap.startswith("flat") for b in batches for cap in b["caption"])
+  assert it.skipped > 0 and set(it.skip_counts) == {"quality"}
+
+
 def test_global_array_on_mesh():
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
   records = make_records(16)

@@ -190,3 +190,20 @@ def test_prompts_cli(tmp_path):
   assert lines == [p["prompt"] for p in shapes.eval_prompts(3, seed=2, size=32)]
   for line in lines:
     shapes.parse_prompt(line)
+
+
+def test_palette_fidelity_filter_keeps_clean_and_drops_flawed():
+  # The quality-filter hook of flux_shapes_sft.py:filtered, on pre-training records (32 px).
+  import io
+  import json
+  from PIL import Image
+  from data_pipelines.shapes.records import generate_records
+  from data_pipelines.shapes.scoring import palette_fidelity_score
+  kept = {}
+  for r in generate_records("pretrain", 400, seed=0, size=32):
+    flaws = json.loads(r["annotation"])["flaws"]
+    img = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"))
+    kept.setdefault(flaws[0] if flaws else "clean", []).append(palette_fidelity_score(img) >= 0.9)
+  rate = {k: float(np.mean(v)) for k, v in kept.items()}
+  assert rate["clean"] >= 0.9 and rate["noisy"] == 0.0
+  assert rate["blurry"] <= 0.35 and rate["jpeg artifacts"] <= 0.2

@@ -35,9 +35,26 @@ def sharpness(image: np.ndarray) -> float:
 
 
 def sharpness_score(image: np.ndarray, caption: str = "") -> float:
-  """Quality-filter hook for `config.data.quality_filter`: `sharpness` of the image (the caption is unused)."""
+  """Quality-filter hook for `config.data.quality_filter`: `sharpness` of the image (the caption is unused).
+
+  A poor filter on its own: noise raises the figure, and clean renders of one large object score low (pre-training
+  split, 32 px, >= 400 keeps 65 % of clean images, 100 % of noisy ones, 0 % of blurry ones)."""
   del caption
   return sharpness(image)
+
+
+_RENDER_COLOURS = np.concatenate([_PALETTE, np.asarray([v[0] for v in palette.BACKGROUNDS.values()], np.float32)])
+
+
+def palette_fidelity_score(image: np.ndarray, caption: str = "", tolerance: float = 20.0) -> float:
+  """Quality-filter hook: the fraction of pixels within `tolerance` (RGB distance) of an object or background
+  colour. Clean renders are flat palette colours except for anti-aliased edges; every flaw moves pixels off the
+  palette. Pre-training split, 32 px, >= 0.9 keeps 97 % of clean images, 17 % of blurry, 0 % of noisy, 4 % of
+  JPEG-artefact and 28 % of washed-out ones (`tests/test_shapes.py`)."""
+  del caption
+  x = np.asarray(image, np.float32)[..., :3].reshape(-1, 1, 3)
+  d = np.sqrt(np.square(x - _RENDER_COLOURS[None]).sum(-1)).min(-1)
+  return float((d <= tolerance).mean())
 
 
 def _background(img: np.ndarray) -> np.ndarray:

@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterator
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `t2i` importable from the repo root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.train_step import _timed, matmul_peak  # noqa: E402
+from benchmarks.train_step import (_timed, data_parallel_shardings, matmul_peak,  # noqa: E402
+                                   request_cpu_devices)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,9 +169,7 @@ def dense_2d_class() -> type:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  from t2i.parallel import host
-  n_dev = host.set_cpu_devices(host.devices_for(host.available_cores(), args.batch) if args.devices < 0
-                               else args.devices)
+  n_dev = request_cpu_devices(args.devices, args.batch)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -296,11 +295,8 @@ def main(argv: list[str] | None = None) -> None:
 
   replicated = None
   if n_dev > 1:  # the train step runs data parallel: params / optimiser replicated, batch split over devices
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    split = lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec("data")) if a.shape[0] == b else replicated)
-    batch = jax.tree.map(split, batch)
+    replicated, split = data_parallel_shardings(n_dev)
+    batch = jax.tree.map(lambda a: jax.device_put(a, split if a.shape[0] == b else replicated), batch)
 
   def ours_runner(step_jit: Callable) -> Callable[[], None]:
     params = jax.tree.map(lambda a: jnp.array(a, copy=True), params_np)

@@ -57,6 +57,22 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
+def request_cpu_devices(requested: int, batch: int) -> int:
+  """Sets the XLA CPU device count before JAX starts (-1: one per available core that divides `batch`, as
+  launch.main does; t2i/parallel/host.py) and returns it."""
+  from t2i.parallel import host
+  return host.set_cpu_devices(host.devices_for(host.available_cores(), batch) if requested < 0 else requested)
+
+
+def data_parallel_shardings(n_dev: int) -> tuple:
+  """(replicated, split along dim 0) NamedShardings over the first `n_dev` devices on one "data" axis."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
+  return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
+
 def _timed(fn) -> float:
   t = time.perf_counter()
   fn()
@@ -65,9 +81,7 @@ def _timed(fn) -> float:
 
 def main(argv):
   del argv
-  from t2i.parallel import host
-  n_dev = host.set_cpu_devices(host.devices_for(host.available_cores(), _BATCH.value) if _DEVICES.value < 0
-                               else _DEVICES.value)
+  n_dev = request_cpu_devices(_DEVICES.value, _BATCH.value)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -106,10 +120,9 @@ def main(argv):
 
   batch = tuple(jnp.asarray(a) for a in (noisy, t, ctx, eps))
   if n_dev > 1:  # data parallel: params and optimiser state replicated, batch split over the devices
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
-    params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, PartitionSpec()))
-    batch = tuple(jax.device_put(a, NamedSharding(mesh, PartitionSpec("data"))) for a in batch)
+    replicated, split = data_parallel_shardings(n_dev)
+    params, opt_state = jax.device_put((params, opt_state), replicated)
+    batch = tuple(jax.device_put(a, split) for a in batch)
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch).compile()
   compile_s = time.perf_counter() - t0

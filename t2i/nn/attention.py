@@ -69,15 +69,16 @@ def _attention_bhld(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | 
   return _attention_fwd(q, k, v, bias)[0]
 
 
-def _divisor_at_most(n: int, at_most: int) -> int:
-  at_most = max(1, min(n, at_most))
+def _block_len(n: int, b: int, h: int, other: int) -> int:
+  """Largest divisor of n (query rows or keys per block) with b * h * block * other <= BLOCK_ELEMENTS; >= 1."""
+  at_most = max(1, min(n, BLOCK_ELEMENTS // (b * h * other)))
   return next(d for d in range(at_most, 0, -1) if n % d == 0)
 
 
 def _attention_fwd(q, k, v, bias):
   """Row blocks; keeps each row's max m and sum l of exp(s - m) so the backward needs no softmax reductions."""
   b, h, lq, _ = q.shape
-  rows = _divisor_at_most(lq, BLOCK_ELEMENTS // (b * h * k.shape[2]))
+  rows = _block_len(lq, b, h, k.shape[2])
   per_row_bias = bias is not None and bias.shape[2] != 1
   xs = [_split_rows(q, rows)] + ([_split_rows(bias, rows)] if per_row_bias else [])
 
@@ -102,8 +103,7 @@ def _attention_bwd(res, d_out):
   do = d_out.astype(v.dtype)
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   inv_l = 1.0 / l
-  rows = _divisor_at_most(lq, BLOCK_ELEMENTS // (b * h * lk))
-  cols = _divisor_at_most(lk, BLOCK_ELEMENTS // (b * h * lq))
+  rows, cols = _block_len(lq, b, h, lk), _block_len(lk, b, h, lq)
 
   def grads(qb, kb, vb, bias_b, dob, mb, inv_lb, deltab):
     p = jnp.exp(_logits(qb, kb, bias_b) - mb) * inv_lb

@@ -91,6 +91,10 @@ def test_min_snr_weights_at_known_points():
   np.testing.assert_allclose(v, np.minimum(snr, g) / (snr + 1), rtol=1e-5)
   np.testing.assert_allclose(v[[0, 2]], [g / (snr[0] + 1), snr[2] / (snr[2] + 1)], rtol=1e-5)
   np.testing.assert_allclose(x0, np.minimum(snr, g), rtol=1e-5)
+  # A weight floor lifts only the high-noise end (x0 weight min(snr, 5) is below 1 there).
+  floored = np.asarray(D.loss_weights(s, t, "sample", g, weight_floor=1.0))
+  np.testing.assert_allclose(floored, np.maximum(np.minimum(snr, g), 1.0), rtol=1e-5)
+  assert floored[2] == 1.0 and floored[0] == g
   np.testing.assert_array_equal(np.asarray(D.loss_weights(s, t, "epsilon", None)), np.ones(3))
   # Zero terminal SNR: finite weights at t = T-1.
   z = D.make_schedule(rescale_zero_terminal_snr=True)

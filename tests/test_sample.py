@@ -74,3 +74,16 @@ def test_sample_cli_errors(tmp_path):
                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode != 0 and "exactly one of --prompt or --prompts_file" in proc.stderr
+
+
+def test_conditioning_benchmark_rows(workdir, tmp_path):
+  # benchmarks.conditioning: one row per noise level; the wrong captions change the toy model's x0 error.
+  wd, cache = workdir
+  out = tmp_path / "cond.jsonl"
+  rc, err = _run(["benchmarks.conditioning", f"--workdirs={wd}", "--levels=0.1,0.9", f"--out={out}"], cache)
+  assert rc == 0, err[-3000:]
+  rows = [json.loads(line) for line in open(out)]
+  assert [r["level"] for r in rows] == [0.1, 0.9] and all(r["step"] == 4 for r in rows)
+  for r in rows:
+    assert all(np.isfinite(r[k]) and r[k] > 0 for k in ("true", "shuffled", "empty"))
+    assert r["shuffled"] != r["true"]

@@ -65,8 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict(dict(
       schedule=dict(kind="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                     rescale_zero_terminal_snr=False),
+      # weight_floor > 0: lower bound on the min-SNR weight; sigma_data > 0: x0-prediction with EDM skip
+      # preconditioning (prediction_type "sample").
       prediction_type="epsilon", snr_gamma=0.0, weight_floor=0.0, noise_offset=0.0, loss_type="l2",
-      cond_dropout=0.1, sigma_data=0.0))  # sigma_data > 0: x0-prediction with EDM skip preconditioning (prediction_type "sample")
+      cond_dropout=0.1, sigma_data=0.0))
   c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=16, vocab_size=0))
   # A second tokenizer (FLUX's T5, SDXL's OpenCLIP): its ids follow the first's in "input_ids" and feed
   # text_encoder_2 (t2i.train.models.Tokenizer). None: one tokenizer feeds every text encoder.

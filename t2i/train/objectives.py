@@ -120,7 +120,8 @@ def diffusion_loss(params, frozen, batch, rng, models):
   return diffusion.diffusion_loss(
       _denoise_fn(p, models), x0, cond, r_loss, models.schedule,
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
-      weight_floor=float(cfg.get("weight_floor") or 0.0), noise_offset=float(cfg.get("noise_offset", 0.0)), loss_type=cfg.get("loss_type", "l2"))
+      weight_floor=float(cfg.get("weight_floor") or 0.0), noise_offset=float(cfg.get("noise_offset", 0.0)),
+      loss_type=cfg.get("loss_type", "l2"))
 
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,

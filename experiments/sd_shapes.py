@@ -11,8 +11,9 @@ Run (what `make demo` does; about 14 minutes on 2 CPU cores, install included):
 Expected (docs/results.md, 120 prompts): overall 0.07-0.10, single 0.10 (goal 0.8: not reached); `:long` (6,000
 steps, 51 min on one core; 420 prompts) overall 0.24, single 0.41, two objects 0.20, position 0.16 (goal 0.95 /
 0.6 / 0.4: not reached).
-Variants: `:long` (4x the steps, min-SNR weight floored at 1: single 0.41 vs 0.21 without the floor); `:latent` (tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent`
-(stand-in toy models and toy data, a few steps; used by the tests to exercise the loop quickly).
+Variants: `:long` (4x the steps, min-SNR weight floored at 1: single 0.41 vs 0.21 without the floor); `:latent`
+(tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent` (stand-in toy models and toy data, a few steps; used
+by the tests to exercise the loop quickly).
 """
 from __future__ import annotations
 

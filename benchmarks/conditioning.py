@@ -33,6 +33,7 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
   import jax.numpy as jnp
 
   from t2i import parallel
+  from t2i.objectives import diffusion, flow
   from t2i.sample import Sampler
   from t2i.sampling.diffusion import _x0_eps
   from t2i.train import loop, objectives
@@ -54,16 +55,16 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
 
   @jax.jit
   def x0_error(level, cond):
-    if m.schedule is None:  # rectified flow: x_t = (1 - t) x0 + t eps, v = eps - x0
+    if m.schedule is None:  # rectified flow: v = eps - x0, so x0 = x_t - t v
       t = jnp.full((b,), level, jnp.float32)
-      x_t = (1.0 - level) * x0 + level * noise
+      x_t = flow.interpolate(x0, noise, t)
       x0_hat = x_t - level * denoise(x_t, t, objectives._with_guidance(cond, m, 1.0))
     else:
       ti = jnp.round(level * (m.schedule.num_train_timesteps - 1)).astype(jnp.int32)
-      a = m.schedule.alphas_cumprod[ti].astype(jnp.float32)
-      x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+      x_t = diffusion.add_noise(m.schedule, x0, noise, jnp.full((b,), ti))
       out = denoise(x_t, jnp.full((b,), ti, jnp.float32), cond)
-      x0_hat, _ = _x0_eps(out, x_t, jnp.sqrt(a), jnp.sqrt(1.0 - a), config.diffusion.prediction_type)
+      x0_hat, _ = _x0_eps(out, x_t, m.schedule.sqrt_alphas_cumprod[ti], m.schedule.sqrt_one_minus_alphas_cumprod[ti],
+                          config.diffusion.prediction_type)
     return jnp.mean((x0_hat.astype(jnp.float32) - x0) ** 2)
 
   return [{"workdir": workdir, "step": s.step, "level": float(level),

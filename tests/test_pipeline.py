@@ -201,7 +201,8 @@ def test_quality_filter_skips_and_counts():
   rng = np.random.default_rng(0)
   flat = lambda i: _png(np.full((24, 24, 3), (200, 200, 200), np.uint8))
   noisy = lambda i: _png(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
-  records = [{"image": (noisy if i % 3 == 2 else flat)(i), "caption": f"{'noisy' if i % 3 == 2 else 'flat'} {i}".encode()}
+  kind = lambda i: "noisy" if i % 3 == 2 else "flat"
+  records = [{"image": (noisy if kind(i) == "noisy" else flat)(i), "caption": f"{kind(i)} {i}".encode()}
              for i in range(24)]
   cfg = config(quality_filter="data_pipelines.shapes.scoring.palette_fidelity_score", quality_min=0.9)
   it = pipeline.make_train_iterator(cfg, hash_tokenizer, 4, source=records, seed=0)

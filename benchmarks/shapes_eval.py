@@ -2,7 +2,7 @@
 workdir and step count), printed as one JSON line per (workdir, setting) and appended to --out.
 
   python -m benchmarks.shapes_eval --workdirs=W1,W2 [--settings=plain,neg] [--num_per_family=20] [--seed=1234]
-      [--guidance=G] [--steps=K] [--step=N] [--out=scores.jsonl]
+      [--guidance=G] [--steps=K] [--sampler=ddpm] [--step=N] [--out=scores.jsonl]
 
 Settings: "plain" (CFG against the empty prompt), "neg" (CFG against --negative_prompt, default "blurry, noisy"),
 "g=<x>" (guidance x; for a guidance-embedded model the embedded value). Each sample image i uses seed --seed + i,
@@ -28,6 +28,7 @@ _NUM = flags.DEFINE_integer("num_per_family", 20, "Eval prompts per family (6 fa
 _SEED = flags.DEFINE_integer("seed", 1234, "Prompt set seed and base sample seed.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance (default: the run's config.sample.guidance_scale).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config.sample.num_steps).")
+_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler (default: the run's config.sample.sampler), e.g. ddim, ddpm.")
 _BATCH = flags.DEFINE_integer("batch", 40, "Images per compiled call.")
 _OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file too.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to score (default: the latest).")
@@ -35,7 +36,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to score (default: t
 
 def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, seed: int, negative_prompt: str,
                   guidance: float | None = None, steps: int | None = None, batch: int = 40,
-                  step: int | None = None) -> list[dict]:
+                  step: int | None = None, sampler: str | None = None) -> list[dict]:
   from t2i.sample import Sampler
   s = Sampler(workdir, step=step)
   cfg = s.config.sample
@@ -50,9 +51,12 @@ def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, se
       g = float(setting[2:])
     elif setting != "plain":
       raise ValueError(f"--settings: unknown setting {setting!r} (plain, neg, g=<x>)")
-    summary = sample_and_score(s, prompts, seed, batch, negative_prompt=neg, num_steps=int(steps or cfg.num_steps),
-                               guidance_scale=g, sampler=cfg.get("sampler", "ddim"))
+    name = sampler or cfg.get("sampler", "ddim")
+    n_steps = int(steps or cfg.num_steps)
+    summary = sample_and_score(s, prompts, seed, batch, negative_prompt=neg, num_steps=n_steps, guidance_scale=g,
+                               sampler=name)
     rows.append({"workdir": workdir, "step": s.step, "setting": setting, "guidance": g, "negative_prompt": neg,
+                 "sampler": name, "steps": n_steps,
                  **summary})
   return rows
 
@@ -64,7 +68,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--workdirs is required")
   for wd in _WORKDIRS.value:
     emit(score_workdir(wd, _SETTINGS.value, _NUM.value, _SEED.value, _NEG.value, _GUIDANCE.value, _STEPS.value,
-                       _BATCH.value, _STEP.value), _OUT.value)
+                       _BATCH.value, _STEP.value, _SAMPLER.value), _OUT.value)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
       [--seed=S] [--steps=K] [--guidance=G] [--sampler=ddim] [--batch=B] --out=OUT
 
 Writes OUT/00000.png, ... and OUT/index.jsonl ({"file", "prompt", "seed"} per line). The workdir's config.json
-and tokenizer/ are all it needs. Image i starts from the noise of seed S + i (reproducible image by image,
-whatever --batch is; the DDIM sampler is deterministic). Any model family (`t2i.train.family`) with a sampler
+and tokenizer/ are all it needs. Image i starts from the noise of seed S + i and, with the ancestral sampler
+(--sampler=ddpm), draws its step noise from that seed too: reproducible image by image, whatever --batch is.
+Diffusion samplers: ddim (deterministic), ddpm (ancestral; better on imperfect models, wants ~50 steps), euler,
+dpmpp_2m. Any model family (`t2i.train.family`) with a sampler
 works: for a token model (config.family="tokens", objective "cm3") seed S + i keys image i's token sampling,
 --steps is ignored and --sampler is top_p / greedy / cd_k.
 """
@@ -72,8 +74,9 @@ class Sampler:
       obj, models = self.objective, self.models
 
       def fn(p, f, ids, u, seeds, g):
-        return obj.sample(p, f, ids, u, jax.random.PRNGKey(0), models, num_steps=num_steps, guidance_scale=g,
-                          sampler=sampler, x_T=models.noise(seeds))
+        # rng: one key per image, so a stochastic sampler's step noise (ddpm) also follows the image's seed
+        return obj.sample(p, f, ids, u, jax.vmap(jax.random.PRNGKey)(seeds), models, num_steps=num_steps,
+                          guidance_scale=g, sampler=sampler, x_T=models.noise(seeds))
       self._fns[key] = jax.jit(fn, static_argnums=(5,) if obj.static_guidance else ())
     return self._fns[key]
 

@@ -63,6 +63,16 @@ def test_sample_cli_writes_images_and_index(workdir, tmp_path):
                   "--guidance=2.0", "--batch=1", "--noema", f"--out={out3}"], cache)
   assert rc == 0, err[-3000:]
   assert not np.array_equal(_images(out3)[0], imgs[3])
+  # The ancestral sampler draws its step noise from each image's seed too: batching does not change an image.
+  outs = []
+  for name, args in (("out4", ["--num=3", "--batch=4", "--seed=10", f"--prompts_file={tmp_path / 'prompts.txt'}"]),
+                     ("out5", ["--num=1", "--batch=1", "--seed=13", "--prompt=a blue square"])):
+    rc, err = _run(["t2i.sample", f"--workdir={wd}", *args, "--steps=3", "--guidance=2.0", "--sampler=ddpm",
+                    f"--out={tmp_path / name}"], cache)
+    assert rc == 0, err[-3000:]
+    outs.append(_images(tmp_path / name))
+  np.testing.assert_array_equal(outs[1][0], outs[0][3])
+  assert not np.array_equal(outs[0][3], imgs[3])  # not the deterministic DDIM image
 
 
 def test_sample_cli_errors(tmp_path):

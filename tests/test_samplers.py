@@ -1,4 +1,5 @@
-"""DDIM / Euler / DPM-Solver++(2M) trajectories against the diffusers scheduler loops, CFG and tracing."""
+"""DDIM / DDPM (ancestral) / Euler / DPM-Solver++(2M) trajectories against the diffusers scheduler loops, CFG and
+tracing."""
 import functools
 
 import jax
@@ -67,7 +68,8 @@ def schedule(rescale=False):
   return make_schedule("scaled_linear", 1000, 0.00085, 0.012, rescale_zero_terminal_snr=rescale)
 
 
-CASES = ([(s, p, "leading", n) for s in S.SAMPLERS for p in ("epsilon", "v_prediction") for n in (10, 25)]
+CASES = ([(s, p, "leading", n) for s in S.DETERMINISTIC_SAMPLERS for p in ("epsilon", "v_prediction")
+          for n in (10, 25)]
          + [("ddim", "epsilon", "trailing", 10), ("ddim", "sample", "linspace", 25),
             ("euler", "v_prediction", "linspace", 25),  # fractional timesteps: interpolated sigmas
             ("euler", "epsilon", "trailing", 10), ("dpmpp_2m", "sample", "trailing", 10),
@@ -84,7 +86,7 @@ def test_trajectory_matches_diffusers(sampler, prediction_type, spacing, num_ste
   assert_close(out, ref)
 
 
-@pytest.mark.parametrize("sampler", S.SAMPLERS)
+@pytest.mark.parametrize("sampler", S.DETERMINISTIC_SAMPLERS)
 def test_zero_terminal_snr_trailing_v_prediction(sampler):
   noise = noise_like(1)
   ref = diffusers_loop(diffusers_scheduler(sampler, "v_prediction", "trailing", rescale=True), 10, noise)
@@ -107,8 +109,29 @@ def test_ddim_eta_matches_diffusers_with_same_noise():
   assert np.linalg.norm(np.asarray(out) - det) > 1e-2 * np.linalg.norm(det)  # eta really adds noise
 
 
+def test_ddpm_is_ancestral_ddim_with_per_image_noise():
+  """"ddpm" = diffusers' DDIMScheduler with eta = 1 given the same noise; with one key per image, image b's step
+  noise is normal(fold_in(split(key_b)[1], i)), so an image's sample does not depend on its batch-mates."""
+  n = 10
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(SHAPE[0], dtype=jnp.uint32) + 7)
+  noise = noise_like(3)
+  step_keys = [jax.random.split(k)[1] for k in keys]
+  step_noises = [np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), SHAPE[1:])) for k in step_keys])
+                 for i in range(n)]
+  ref = diffusers_loop(diffusers_scheduler("ddim", "sample", "leading"), n, noise, step_noises=step_noises, eta=1.0)
+  kw = dict(sampler="ddpm", num_steps=n, guidance_scale=1.0, prediction_type="sample")
+  out = S.sample_jit(f_jax, SHAPE, None, None, keys, schedule(), x_T=jnp.asarray(noise), **kw)
+  assert_close(out, ref)
+  alone = S.sample_jit(f_jax, (1,) + SHAPE[1:], None, None, keys[1:], schedule(), x_T=jnp.asarray(noise[1:]), **kw)
+  np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(out)[1], rtol=1e-5, atol=1e-6)
+  det = diffusers_loop(diffusers_scheduler("ddim", "sample", "leading"), n, noise)
+  assert np.linalg.norm(np.asarray(out) - det) > 1e-2 * np.linalg.norm(det)  # it really adds noise
+  with pytest.raises(ValueError, match="per-image keys"):
+    S.sample(f_jax, SHAPE, None, None, keys[:1], schedule(), sampler="ddpm", num_steps=n)
+
+
 def test_timesteps_match_diffusers():
-  for sampler in S.SAMPLERS:
+  for sampler in S.DETERMINISTIC_SAMPLERS:
     for spacing in S.SPACINGS:
       for n in (1, 7, 10, 25, 50):
         sch = diffusers_scheduler(sampler, "epsilon", spacing)

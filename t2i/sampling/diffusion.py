@@ -1,4 +1,4 @@
-"""DDIM, Euler and DPM-Solver++(2M) samplers as single jittable loops (one `lax.fori_loop` over steps).
+"""DDIM, DDPM (ancestral), Euler and DPM-Solver++(2M) samplers as single jittable loops (one `lax.fori_loop`).
 
 Conventions
   * `x_T` (or the noise drawn from `rng`) is unit-variance Gaussian noise; the result is the final sample x0.
@@ -15,8 +15,13 @@ Conventions
   * `denoise_fn(x, t, cond)` receives t as a float32 array [batch] (Euler timesteps can be fractional).
   * Classifier-free guidance evaluates [uncond; cond] in one batched call and combines
     uncond + g * (cond - uncond). It is skipped when `uncond` is None or `guidance_scale` is the Python number 1.
-  * DDIM with eta > 0 draws its step-i noise as normal(fold_in(step_key, i), shape) with
-    (init_key, step_key) = split(rng); init_key draws x_T when it is not given.
+  * "ddpm" is DDIM's update with eta = 1: the DDPM posterior q(x_prev | x_t, x0_hat) on the strided timesteps,
+    i.e. ancestral sampling. Fresh noise at every step lets later steps correct earlier errors; on shapes-bench it
+    beats deterministic DDIM for an imperfect model (docs/results.md) at the price of more steps.
+  * DDIM with eta > 0 (and "ddpm") draws its step-i noise as normal(fold_in(step_key, i), shape) with
+    (init_key, step_key) = split(rng); init_key draws x_T when it is not given. `rng` may also be a batch of keys
+    (one per image, e.g. `vmap(PRNGKey)(seeds)`): then image b uses split(rng[b]) the same way for its own x_T and
+    step noise, so its sample does not depend on which other images share the batch.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from t2i.objectives.diffusion import NoiseSchedule
 PyTree = Any
 DenoiseFn = Callable[[jax.Array, jax.Array, PyTree], jax.Array]
 
-SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+SAMPLERS = ("ddim", "euler", "dpmpp_2m", "ddpm")
+DETERMINISTIC_SAMPLERS = ("ddim", "euler", "dpmpp_2m")  # "ddpm" (and "ddim" with eta > 0) add noise per step
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -95,6 +101,12 @@ def _x0_eps(out: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
   return out, (x - alpha * out) / sigma
 
 
+def _is_key_batch(rng: jax.Array) -> bool:
+  """True for a batch of PRNG keys ([B] typed keys or [B, 2] raw uint32 keys), False for a single key."""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return jnp.ndim(rng) == (1 if typed else 2)
+
+
 def _is_one(g: Any) -> bool:
   return isinstance(g, (int, float, np.integer, np.floating)) and float(g) == 1.0
 
@@ -143,16 +155,28 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
     shape: output shape, e.g. (B, H, W, C).
     cond: pytree of arrays with leading dim B (e.g. dict of encoder_hidden_states, text_embeds, time_ids).
     uncond: same structure as cond (leading dim B or 1): negative / empty prompt embedding, or None.
-    rng: PRNG key; used for x_T if not given, and for DDIM eta > 0 noise.
+    rng: PRNG key, or one key per image [B]; used for x_T if not given, and for "ddpm" / DDIM eta > 0 noise.
     schedule: training noise schedule.
     x_T: optional unit-variance starting noise of `shape`.
   """
   shape = tuple(int(s) for s in shape)
   big_t = schedule.num_train_timesteps
   _check_args(sampler, num_steps, prediction_type, timestep_spacing, big_t)
-  init_key, step_key = jax.random.split(rng)
+  if _is_key_batch(rng):  # one key per image: its own x_T and step noise
+    if rng.shape[0] != shape[0]:
+      raise ValueError(f"rng: {rng.shape[0]} per-image keys for a batch of {shape[0]}")
+    init_key, step_key = jax.vmap(jax.random.split, out_axes=1)(rng)
+
+    def normal(key, i=None):
+      return jax.vmap(lambda k: jax.random.normal(k if i is None else jax.random.fold_in(k, i), shape[1:],
+                                                  jnp.float32))(key)
+  else:
+    init_key, step_key = jax.random.split(rng)
+
+    def normal(key, i=None):
+      return jax.random.normal(key if i is None else jax.random.fold_in(key, i), shape, jnp.float32)
   if x_T is None:
-    x_T = jax.random.normal(init_key, shape, jnp.float32)
+    x_T = normal(init_key)
   elif tuple(x_T.shape) != shape:
     raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
   x_T = x_T.astype(jnp.float32)
@@ -162,7 +186,9 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
   n = len(ts_np)
   ac = schedule.alphas_cumprod.astype(jnp.float32)
 
-  if sampler == "ddim":
+  if sampler in ("ddim", "ddpm"):
+    if sampler == "ddpm":
+      eta = 1.0
     prev_np = ts_np - big_t // num_steps
     a_t = ac[ts_np]
     a_prev = jnp.where(jnp.asarray(prev_np >= 0), ac[np.maximum(prev_np, 0)], ac[0])
@@ -176,7 +202,7 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
       x0, eps = _x0_eps(out, x, jnp.sqrt(a_t[i]), jnp.sqrt(1.0 - a_t[i]), prediction_type)
       x_prev = jnp.sqrt(a_prev[i]) * x0 + jnp.sqrt(1.0 - a_prev[i] - std[i] ** 2) * eps
       if stochastic:
-        x_prev = x_prev + std[i] * jax.random.normal(jax.random.fold_in(step_key, i), shape, jnp.float32)
+        x_prev = x_prev + std[i] * normal(step_key, i)
       return x_prev
     return jax.lax.fori_loop(0, n, body, x_T)
 

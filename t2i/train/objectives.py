@@ -4,7 +4,8 @@ loss(params, frozen, batch, rng, models) -> (scalar loss, metrics dict); params 
 frozen the others; both are dicts keyed by group name ("unet" or "transformer", "text_encoder", "vae",
 "reference", ...).
 sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps, guidance_scale, sampler, x_T=None)
--> images in [-1, 1], NHWC (x_T: optional starting noise, so each image can have its own seed).
+-> images in [-1, 1], NHWC (x_T: optional starting noise, so each image can have its own seed; rng: one key, or
+one key per image for samplers that draw noise along the way, e.g. the diffusion sampler "ddpm").
 
 Registered: "diffusion" (eps / v / x0 U-Net), "flow" (rectified flow), "flow_guidance_distill" (a
 guidance-embedded student regresses the CFG output of the frozen "reference" teacher), and the pairwise

@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
   print(f"config: {cfg}")
   print(f"batch {b}, image tokens {li} ({args.grid}x{args.grid} packed, {args.in_channels} ch), text tokens {lt}; "
         f"params {n_params / 1e6:.2f} M; jax {jax.__version__} on {jax.devices()[0].platform} "
-        f"x{len(jax.devices())} (train step data parallel over {n_dev}); torch {torch.__version__}, {args.threads} threads; "
+        f"x{len(jax.devices())} (train step data parallel over {n_dev}); "
+        f"torch {torch.__version__}, {args.threads} threads; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   print(f"[1] parity (load_diffusers_flux of save_pretrained): forward rel err {results['parity']:.2e} "
         f"(max|ref| {np.abs(want).max():.3f})", flush=True)

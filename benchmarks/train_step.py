@@ -190,7 +190,8 @@ def main(argv):
   ours_ms = 1e3 * statistics.median(ours_t)
   print(f"config: {cfg}")
   print(f"batch {b}, {s}x{s}x4 latents, {_TOKENS.value} tokens x {_CTX.value}; params {n_params / 1e6:.2f} M; "
-        f"ours on {n_dev} {jax.devices()[0].platform} device(s), batch split over them; torch threads {_THREADS.value}; "
+        f"ours on {n_dev} {jax.devices()[0].platform} device(s), batch split over them; "
+        f"torch threads {_THREADS.value}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"ours  compile {compile_s:.1f} s")
   print(f"ours  train step {ours_ms:8.1f} ms (median of {len(ours_t)}; min {1e3 * min(ours_t):.1f}), "

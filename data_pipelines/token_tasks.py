@@ -88,7 +88,8 @@ def grounded_caption(annotation: dict[str, Any], vocab: JointVocab, canvas: floa
   objs = sorted(annotation["objects"], key=lambda o: (o["centroid"][0], o["centroid"][1]))
   parts = [f"a {o['size']} {o['color']} {o['shape']} at {vocab.loc_tokens(o['centroid'], canvas)}" for o in objs]
   body = ", ".join(parts) if parts else "no shapes"
-  return captions._articles(f"{body} on {palette.BACKGROUNDS[annotation['background']][1]}")  # pylint: disable=protected-access
+  background = palette.BACKGROUNDS[annotation["background"]][1]
+  return captions._articles(f"{body} on {background}")  # pylint: disable=protected-access
 
 
 def _prompt(vocab: JointVocab, segments: Sequence[str | np.ndarray]) -> list[int]:

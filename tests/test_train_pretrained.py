@@ -95,8 +95,8 @@ def test_convert_cli_checkpoint_starts_a_run(tmp_path, scan):
   attn = state.params["unet"]["down_blocks_0_attentions_0"]
   to_q = attn["transformer_blocks_stack"]["attn1"]["to_q"]["dense"]["kernel"][0] if scan else \
       attn["transformer_blocks_0"]["attn1"]["to_q"]["dense"]["kernel"]
-  np.testing.assert_array_equal(np.asarray(to_q),
-                                unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().numpy().T)
+  ref_q = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+  np.testing.assert_array_equal(np.asarray(to_q), ref_q.detach().numpy().T)
   emb = state.params["text_encoder"]["token_embedding"]["embedding"]
   assert len(emb.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(emb)[:64], _clip_embedding(clip))

@@ -86,8 +86,8 @@ def convert(out_dir: str, sources: dict[str, str], scan_layers: bool = False) ->
     cls, module, load = _loader(folder)
     scan = scan_layers and module in SCANNABLE
     _, p = load(folder, scan_layers=True) if scan else load(folder)
-    params[group] = jax.tree.map(lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype,
-                                                                                        np.floating) else np.asarray(x), p)
+    params[group] = jax.tree.map(
+        lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x), p)
     report[group] = {"module": module, "source": os.path.abspath(folder), "source_class": cls,
                      "num_params": int(sum(np.size(x) for x in jax.tree.leaves(p))), "scan_layers": scan}
   target.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,8 @@ def stack_layers(params: dict[str, Any], kinds: Sequence[str]) -> dict[str, Any]
   for key, value in params.items():
     out[key] = stack_layers(value, kinds) if isinstance(value, dict) else value
   for kind in kinds:
-    keys = sorted((k for k in out if re.fullmatch(rf"{re.escape(kind)}_\d+", k)), key=lambda k: int(k.rsplit("_", 1)[1]))
+    keys = sorted((k for k in out if re.fullmatch(rf"{re.escape(kind)}_\d+", k)),
+                  key=lambda k: int(k.rsplit("_", 1)[1]))
     if keys:
       if [int(k.rsplit("_", 1)[1]) for k in keys] != list(range(len(keys))):
         raise ValueError(f"stack_layers: {kind} blocks {keys} are not numbered 0..{len(keys) - 1}")

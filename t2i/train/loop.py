@@ -67,7 +67,8 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
       cfg["dataset"] = "shapes_bench/" + shapes_bench.shapes_config(split, num, int(config.image_size)).name
   elif kind == "shapes_pairs":  # shapes-bench preference pairs (Pick-a-Pic layout), built once
     from data_pipelines.tfds import common, preference_pairs as pp
-    pc = pp.shapes_pairs_config(int(cfg.pop("shapes_num", 2000)), int(config.image_size), int(cfg.pop("shapes_seed", 0)))
+    pc = pp.shapes_pairs_config(int(cfg.pop("shapes_num", 2000)), int(config.image_size),
+                                int(cfg.pop("shapes_seed", 0)))
     if jax.process_index() == 0:
       common.prepare(pp.PreferencePairs(config=pc, data_dir=cfg["data_dir"], file_format=common.FILE_FORMAT))
     cfg["dataset"], cfg["pair"] = f"preference_pairs/{pc.name}", True

@@ -12,7 +12,8 @@ config.unet / config.transformer / config.text_encoder / config.text_encoder_2 /
   override the preset; dtype / param_dtype (strings); remat; scan_layers (repeated blocks in a jax.lax.scan,
   params stacked, see t2i.nn.scan); checkpoint: optional diffusers / transformers
   save_pretrained folder (safetensors) whose config.json and weights replace preset/config and the random init.
-  Text encoders also carry `trainable` and `hidden_layer` (-1 final output, -2 penultimate as in SDXL). `config.vae = None` trains in pixel space.
+  Text encoders also carry `trainable` and `hidden_layer` (-1 final output, -2 penultimate as in SDXL).
+  `config.vae = None` trains in pixel space.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def build_round(opponent_workdir: str, data_dir: str, real_dataset: str, num: in
   from data_pipelines.tfds import common, preference_pairs as pp
   name = round_name(opponent_workdir, real_dataset, num, seed)
   builder = pp.PreferencePairs(config=pp.PreferencePairsConfig(name=name, source="parquet"), data_dir=data_dir,
-                               file_format=common.FILE_FORMAT, parquet_files=[os.path.join(data_dir, name + ".parquet")])
+                               file_format=common.FILE_FORMAT,
+                               parquet_files=[os.path.join(data_dir, name + ".parquet")])
   dataset = f"preference_pairs/{name}"
   try:
     common.dataset_dir(data_dir, dataset)

@@ -6,8 +6,7 @@
 Writes OUT/00000.png, ... and OUT/index.jsonl ({"file", "prompt", "seed"} per line). The workdir's config.json
 and tokenizer/ are all it needs. Image i starts from the noise of seed S + i and, with the ancestral sampler
 (--sampler=ddpm), draws its step noise from that seed too: reproducible image by image, whatever --batch is.
-Diffusion samplers: ddim (deterministic), ddpm (ancestral; better on imperfect models, wants ~50 steps), euler,
-dpmpp_2m. Any model family (`t2i.train.family`) with a sampler
+Diffusion samplers: ddim (deterministic), ddpm (ancestral; wants more steps), euler, dpmpp_2m. Any model family (`t2i.train.family`) with a sampler
 works: for a token model (config.family="tokens", objective "cm3") seed S + i keys image i's token sampling,
 --steps is ignored and --sampler is top_p / greedy / cd_k.
 """

@@ -16,8 +16,8 @@ Conventions
   * Classifier-free guidance evaluates [uncond; cond] in one batched call and combines
     uncond + g * (cond - uncond). It is skipped when `uncond` is None or `guidance_scale` is the Python number 1.
   * "ddpm" is DDIM's update with eta = 1: the DDPM posterior q(x_prev | x_t, x0_hat) on the strided timesteps,
-    i.e. ancestral sampling. Fresh noise at every step lets later steps correct earlier errors; on shapes-bench it
-    beats deterministic DDIM for an imperfect model (docs/results.md) at the price of more steps.
+    i.e. ancestral sampling (fresh noise at every step; wants more steps than DDIM). On the shapes-bench demo
+    models it did not beat DDIM (docs/results.md).
   * DDIM with eta > 0 (and "ddpm") draws its step-i noise as normal(fold_in(step_key, i), shape) with
     (init_key, step_key) = split(rng); init_key draws x_T when it is not given. `rng` may also be a batch of keys
     (one per image, e.g. `vmap(PRNGKey)(seeds)`): then image b uses split(rng[b]) the same way for its own x_T and

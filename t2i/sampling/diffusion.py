@@ -162,19 +162,15 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
   shape = tuple(int(s) for s in shape)
   big_t = schedule.num_train_timesteps
   _check_args(sampler, num_steps, prediction_type, timestep_spacing, big_t)
-  if _is_key_batch(rng):  # one key per image: its own x_T and step noise
-    if rng.shape[0] != shape[0]:
-      raise ValueError(f"rng: {rng.shape[0]} per-image keys for a batch of {shape[0]}")
-    init_key, step_key = jax.vmap(jax.random.split, out_axes=1)(rng)
+  per_image = _is_key_batch(rng)  # one key per image: its own x_T and step noise
+  if per_image and rng.shape[0] != shape[0]:
+    raise ValueError(f"rng: {rng.shape[0]} per-image keys for a batch of {shape[0]}")
+  init_key, step_key = jax.vmap(jax.random.split, out_axes=1)(rng) if per_image else jax.random.split(rng)
 
-    def normal(key, i=None):
-      return jax.vmap(lambda k: jax.random.normal(k if i is None else jax.random.fold_in(k, i), shape[1:],
-                                                  jnp.float32))(key)
-  else:
-    init_key, step_key = jax.random.split(rng)
-
-    def normal(key, i=None):
-      return jax.random.normal(key if i is None else jax.random.fold_in(key, i), shape, jnp.float32)
+  def normal(key, i=None):  # unit noise of `shape`; step i's noise folds i into the key
+    draw = lambda k: jax.random.normal(k if i is None else jax.random.fold_in(k, i),
+                                       shape[1:] if per_image else shape, jnp.float32)
+    return jax.vmap(draw)(key) if per_image else draw(key)
   if x_T is None:
     x_T = normal(init_key)
   elif tuple(x_T.shape) != shape:

@@ -71,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                "a small purple square", "two orange squares", "a red circle to the left of a blue triangle",
                "a purple triangle"],  # the last binds a held-out pair
       num_steps=25, guidance_scale=4.0, sampler="ddim", seed=0))
+  # Held-out loss (eval_loss / eval_loss_ema in TensorBoard): 2 batches of the held-out-combination split.
+  c.eval.update(every=250, data=dict(shapes_split="heldout", shapes_num=256))
   if variant == "long":
     c.total_steps = 6000
     # min(SNR, 5) alone gives t > ~800 almost no weight; the floor makes the model read its prompt (x0 error at
@@ -91,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text_encoder = common.module_config("t2i.train.toy.ToyTextEncoder", dict(
         vocab_size=-1, hidden_size=16, max_position_embeddings=8), trainable=True)
     c.data = ml_collections.ConfigDict(dict(name="toy", nan_batch=-1))  # nan_batch >= 0: NaN images (tests)
+    c.eval.every, c.eval.data = 0, ml_collections.ConfigDict()
     c.sample = ml_collections.ConfigDict(dict(prompts=["a red circle", "a blue square"], num_steps=4,
                                               guidance_scale=2.0, sampler="ddim", seed=0))
     if variant == "smoke_latent":  # + tiny frozen VAE, frozen text encoder, latent/embedding cache

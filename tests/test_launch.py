@@ -1,4 +1,5 @@
-"""launch.main end to end (subprocesses): unknown config keys, SIGKILL + auto-resume, TensorBoard, NaN guard."""
+"""launch.main end to end (subprocesses): unknown config keys, SIGKILL + auto-resume, TensorBoard, held-out loss,
+NaN guard."""
 import json
 import os
 import random
@@ -59,8 +60,10 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, cache_dir):
+  # With the held-out loss every 8 steps; the resume test's runs go without it, so equal losses there also show
+  # that evaluating does not touch the training state or data order.
   workdir = tmp_path_factory.mktemp("full")
-  rc, err = finish(launch(workdir, cache_dir))
+  rc, err = finish(launch(workdir, cache_dir, "--config.eval.every=8", "--config.eval.batches=2"))
   assert rc == 0, err[-3000:]
   return workdir
 
@@ -116,6 +119,11 @@ def test_tensorboard_events(full_run):
     assert all(np.isfinite(e.value) for e in events)
   losses = read_metrics(full_run)
   assert [e.value for e in acc.Scalars("loss")] == pytest.approx([losses[s]["loss"] for s in range(1, N + 1)])
+  for tag in ("eval_loss", "eval_loss_ema"):  # the held-out loss (config.eval.every=8), also in metrics.jsonl
+    assert [e.step for e in acc.Scalars(tag)] == [8, 16], tag
+    assert [e.value for e in acc.Scalars(tag)] == pytest.approx([losses[s][tag] for s in (8, 16)])
+    assert all(np.isfinite(e.value) and e.value > 0 for e in acc.Scalars(tag))
+  assert "eval_loss" not in losses[7]
   images = acc.Images("samples")
   assert [im.step for im in images] == [8, 16]
   assert images[0].width > 0 and images[0].height > 0

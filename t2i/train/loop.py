@@ -86,6 +86,21 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
                                       mesh=mesh, seed=int(config.seed))
 
 
+def make_eval_batches(config: Any, family: Any, tokenize, mesh, structs: dict[str, jax.ShapeDtypeStruct],
+                      cache_dir: str | None = None) -> list[dict[str, jax.Array]]:
+  """The `config.eval.batches` fixed batches of the held-out loss: from `config.eval.data` laid over `config.data`
+  (e.g. shapes_split="heldout"), or, when that is empty, the first batches of the training data (then not held
+  out); a cached run takes its first cached batches."""
+  n = int(config.eval.get("batches", 2))
+  if cache_dir is not None:
+    it = cache_lib.CachedIterator(cache_dir)
+  else:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.data.update(dict(config.eval.get("data") or {}))
+    it = family.make_data_iterator(cfg, tokenize, mesh)
+  return [put_batch(next(it), structs) for _ in range(n)]
+
+
 def put_batch(batch: dict[str, Any], structs: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   """Keeps the keys the step expects; numpy (global) or jax arrays -> arrays in the step's batch sharding."""
   out = {}
@@ -183,6 +198,20 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   start = int(jax.device_get(state.step))
   last_ckpt = mngr.latest_step()
 
+  # ---------------------------------------------------------------- held-out loss (config.eval.every > 0)
+  eval_every = int(config.eval.get("every", 0)) if config.get("eval") is not None else 0
+  eval_loss = None
+  if eval_every:
+    eval_batches = make_eval_batches(config, family, tokenize, mesh, b_structs, cache_dir if use_cache else None)
+    eval_rng = jax.random.PRNGKey(int(config.eval.get("seed", 0)))  # same t, noise and dropout at every eval
+    eval_fn = jax.jit(lambda p, f, b: objective.loss(p, f, b, eval_rng, models)[0])
+
+    def eval_loss() -> dict[str, float]:
+      out = {"eval_loss": float(np.mean([eval_fn(state.params, frozen, b) for b in eval_batches]))}
+      if state.ema_params is not None:
+        out["eval_loss_ema"] = float(np.mean([eval_fn(state.ema_params, frozen, b) for b in eval_batches]))
+      return out
+
   # ---------------------------------------------------------------- logging & validation sampler
   writer = log_lib.SummaryWriter(os.path.join(workdir, "tb")) if is_main else None
   metrics_file = log_lib.MetricsFile(os.path.join(workdir, "metrics.jsonl")) if is_main else None
@@ -237,9 +266,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       check_finite(metrics, step, last_ckpt)
       record = {k: float(v) for k, v in metrics.items()}
       record.update(step_time=dt, images_per_sec=int(config.batch_size) / dt)
+      if eval_loss is not None and (step % eval_every == 0 or step == total):
+        record.update(eval_loss())
       if is_main:
         metrics_file.write({"step": step, **record})
-        if step % log_every == 0 or step == total:
+        if step % log_every == 0 or step == total or "eval_loss" in record:
           writer.scalars(record, step)
           writer.flush()
         bar.update(1)

@@ -28,7 +28,8 @@ def preference_arm(c: ml_collections.ConfigDict, init_from: str, steps: int = 15
                                         grad_clip=1.0)
   c.ema = ml_collections.ConfigDict(dict(decay=0.0, every=1, warmup=False))
   c.text_encoder.trainable = False
-  c.eval.every, c.eval.data = 0, ml_collections.ConfigDict()  # pair data: no single-image held-out loss
+  c.eval.every = 0  # pair data: no single-image held-out loss
+  c.eval.data.update(shapes_split="", shapes_num=None)
 
 
 def use_smoke_models(c: ml_collections.ConfigDict) -> None:

@@ -1,4 +1,4 @@
-"""Optimiser (schedule, decay mask, clipping, accumulation) and EMA."""
+"""Optimiser (schedule, decay mask, clipping, accumulation), EMA and the held-out loss's data config."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -59,3 +59,18 @@ def test_ema_updates_every_n():
   warm = ml_collections.ConfigDict(dict(decay=0.999, every=1, warmup=True))
   assert float(ema.update(e, p, jnp.int32(1), warm)["w"]) == pytest.approx(1 - 2 / 11)
 
+
+
+def test_eval_data_lays_only_set_fields_over_the_training_data():
+  from experiments import sd_shapes, sd_shapes_dpo
+  from t2i.train import loop
+  got = loop.eval_data_config(sd_shapes.get_config()).data   # the demo: held-out-combination images
+  assert (got.name, got.shapes_split, got.shapes_num) == ("shapes", "heldout", 256)
+  dpo = sd_shapes_dpo.get_config()                            # cleared fields leave the pair data as it is
+  assert loop.eval_data_config(dpo).data.to_dict() == dpo.data.to_dict() and dpo.eval.every == 0
+  c = common.base_config()
+  c.data = ml_collections.ConfigDict(dict(name="tfds", dataset="mine/v1", split="train", data_dir="d"))
+  c.eval.data.split = "validation"                             # as --config.eval.data.split=validation
+  assert loop.eval_data_config(c).data.to_dict() == dict(name="tfds", dataset="mine/v1", split="validation",
+                                                         data_dir="d")
+  assert loop.eval_data_config(c).data is not c.data and c.data.split == "train"

@@ -86,18 +86,23 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
                                       mesh=mesh, seed=int(config.seed))
 
 
+def eval_data_config(config: Any) -> ml_collections.ConfigDict:
+  """A copy of `config` whose `data` has the set (non-empty) fields of `config.eval.data` laid over it."""
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.data.update({k: v for k, v in dict(config.eval.get("data") or {}).items() if v not in ("", None)})
+  return cfg
+
+
 def make_eval_batches(config: Any, family: Any, tokenize, mesh, structs: dict[str, jax.ShapeDtypeStruct],
                       cache_dir: str | None = None) -> list[dict[str, jax.Array]]:
   """The `config.eval.batches` fixed batches of the held-out loss: from `config.eval.data` laid over `config.data`
-  (e.g. shapes_split="heldout"), or, when that is empty, the first batches of the training data (then not held
-  out); a cached run takes its first cached batches."""
+  (e.g. shapes_split="heldout", or split="validation" of a TFDS data set), or, when none is set, the first batches
+  of the training data (then not held out); a cached run takes its first cached batches."""
   n = int(config.eval.get("batches", 2))
   if cache_dir is not None:
     it = cache_lib.CachedIterator(cache_dir)
   else:
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.data.update(dict(config.eval.get("data") or {}))
-    it = family.make_data_iterator(cfg, tokenize, mesh)
+    it = family.make_data_iterator(eval_data_config(config), tokenize, mesh)
   return [put_batch(next(it), structs) for _ in range(n)]
 
 

@@ -41,6 +41,8 @@ def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, se
   s = Sampler(workdir, step=step)
   cfg = s.config.sample
   prompts = eval_prompt_texts(num_per_family, seed, int(s.config.image_size))
+  name = sampler or cfg.get("sampler", "ddim")
+  n_steps = int(steps or cfg.num_steps)
   rows = []
   for setting in settings:
     g = float(cfg.guidance_scale if guidance is None else guidance)
@@ -51,8 +53,6 @@ def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, se
       g = float(setting[2:])
     elif setting != "plain":
       raise ValueError(f"--settings: unknown setting {setting!r} (plain, neg, g=<x>)")
-    name = sampler or cfg.get("sampler", "ddim")
-    n_steps = int(steps or cfg.num_steps)
     summary = sample_and_score(s, prompts, seed, batch, negative_prompt=neg, num_steps=n_steps, guidance_scale=g,
                                sampler=name)
     rows.append({"workdir": workdir, "step": s.step, "setting": setting, "guidance": g, "negative_prompt": neg,

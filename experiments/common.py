@@ -81,11 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict(dict(workdir="", ema=True, step=-1))
   c.sample = ml_collections.ConfigDict(dict(prompts=["a red circle"], num_steps=25, guidance_scale=4.0,
                                             sampler="ddim", seed=0))
-  # Held-out loss every `every` steps (0 = off) on `batches` fixed batches with fixed t / noise (seed), logged as
-  # eval_loss (and eval_loss_ema); the non-empty fields of `data` are laid over config.data (e.g.
-  # --config.eval.data.split=validation for a TFDS data set); none set = the training data.
-  c.eval = ml_collections.ConfigDict(dict(every=0, batches=2, seed=0, data=dict(dataset="", split="")))
+  c.eval = eval_config()
   return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """The held-out loss, off: every `every` steps (0 = off) on `batches` fixed batches with fixed t / noise (seed),
+  logged as eval_loss (and eval_loss_ema); the non-empty fields of `data` are laid over config.data (e.g.
+  --config.eval.data.split=validation for a TFDS data set); none set = the training data."""
+  return ml_collections.ConfigDict(dict(every=0, batches=2, seed=0, data=dict(dataset="", split="")))
 
 
 def smoke_schedule(c: ml_collections.ConfigDict, total_steps: int, ckpt_every: int, sample_every: int,

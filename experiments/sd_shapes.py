@@ -93,8 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text_encoder = common.module_config("t2i.train.toy.ToyTextEncoder", dict(
         vocab_size=-1, hidden_size=16, max_position_embeddings=8), trainable=True)
     c.data = ml_collections.ConfigDict(dict(name="toy", nan_batch=-1))  # nan_batch >= 0: NaN images (tests)
-    c.eval.every = 0
-    c.eval.data.update(shapes_split="", shapes_num=None)
+    c.eval = common.eval_config()
     c.sample = ml_collections.ConfigDict(dict(prompts=["a red circle", "a blue square"], num_steps=4,
                                               guidance_scale=2.0, sampler="ddim", seed=0))
     if variant == "smoke_latent":  # + tiny frozen VAE, frozen text encoder, latent/embedding cache

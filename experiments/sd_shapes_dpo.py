@@ -28,8 +28,7 @@ def preference_arm(c: ml_collections.ConfigDict, init_from: str, steps: int = 15
                                         grad_clip=1.0)
   c.ema = ml_collections.ConfigDict(dict(decay=0.0, every=1, warmup=False))
   c.text_encoder.trainable = False
-  c.eval.every = 0  # pair data: no single-image held-out loss
-  c.eval.data.update(shapes_split="", shapes_num=None)
+  c.eval = common.eval_config()  # pair data: not the demo's single-image held-out loss
 
 
 def use_smoke_models(c: ml_collections.ConfigDict) -> None:

@@ -60,7 +60,6 @@ def test_ema_updates_every_n():
   assert float(ema.update(e, p, jnp.int32(1), warm)["w"]) == pytest.approx(1 - 2 / 11)
 
 
-
 def test_eval_data_lays_only_set_fields_over_the_training_data():
   from experiments import sd_shapes, sd_shapes_dpo
   from t2i.train import loop

@@ -32,6 +32,8 @@ Expected (measured, 700 steps on the 600-step VQ and dual-encoder runs; docs/res
 with 0 / 1 / 2 retrieved documents, top-p + CFG 3: 0.150 / 0.175 / 0.208 (120 prompts, seed 1234), 0.207 / 0.223 /
 0.193 (300 prompts, seed 99); without CFG 0.133 / 0.183 / 0.150 and 0.163 / 0.193 / 0.183; CD-K 0.208 / 0.158 /
 0.133 and 0.160 / 0.133 / 0.137. Retrieval's gain is within noise at this budget.
+Control: `--config.data.retrieval_neighbours=random` prepends 2 random other documents instead (same rows, same
+token budget, no relevance; no dual encoder needed), which separates retrieval from "more documents per row".
 Variants `:smoke` / `:smoke_retrieval` (tiny VQ and LM, 64 images, 4 steps; the latter retrieves 1 document) are
 used by the tests.
 """
@@ -55,7 +57,8 @@ def add_retrieval(c: ml_collections.ConfigDict, k: int, max_length: int, prompt_
   (experiments/dual_encoder_shapes.py) are prepended to each training document and, at sampling, to the prompt."""
   c.data.update(dict(retrieval_k=k, retrieval_workdir="workdirs/dual_encoder_shapes", retrieval_variants=4,
                      retrieval_exclude_above=0.9, retrieval_dedupe_above=0.98, retrieval_query_dropout=0.2,
-                     retrieval_loss_weight=1.0, max_length=max_length))
+                     retrieval_loss_weight=1.0, retrieval_neighbours="dual_encoder",
+                     max_length=max_length))
   c.lm.config.max_position_embeddings = max_length
   c.tokenizer.max_length = prompt_length  # retrieved documents + prompt; + h*w codes <= max_length
   c.sample.update(dict(retrieval_k=k, retrieval_exclude_above=None, retrieval_dedupe_above=0.98))

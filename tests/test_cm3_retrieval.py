@@ -202,3 +202,23 @@ def test_cm3_eval_rows(runs, capsys):
     json.dump(conf, f)
   with pytest.raises(ValueError, match="retrieval_workdir"):
     cm3_eval.score_workdir(base, ["topp"], [1], num_per_family=1, seed=0, batch=6)
+
+
+def test_random_neighbours_control(runs):
+  """`retrieval_neighbours="random"` (ablation: same documents per row, no relevance): k distinct other rows per
+  document, seeded, no dual encoder needed; an unknown kind is an error naming the key."""
+  from t2i.sample import load_config
+  from t2i.train import token_models
+  table = token_models.random_neighbours(50, 2, 3, seed=0)
+  assert table.shape == (50, 3, 2) and table.min() >= 0 and table.max() < 50
+  assert not (table == np.arange(50)[:, None, None]).any() and not (table[..., 0] == table[..., 1]).any()
+  np.testing.assert_array_equal(table, token_models.random_neighbours(50, 2, 3, seed=0))
+  config = load_config(runs["cm3"])
+  ds = "vq_tokens/" + next(d for d in os.listdir(os.path.join(runs["data"], "vq_tokens")) if not d.startswith("."))
+  config.data.retrieval_workdir = ""  # not needed for random neighbours
+  config.data.retrieval_neighbours = "random"
+  nbrs = token_models.training_neighbours(config, _real(runs), ds)
+  assert len(nbrs) == 64 and {v.shape for v in nbrs.values()} == {(4, 1)}
+  config.data.retrieval_neighbours = "nearest"
+  with pytest.raises(ValueError, match="retrieval_neighbours"):
+    token_models.training_neighbours(config, _real(runs), ds)

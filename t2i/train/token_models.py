@@ -260,7 +260,9 @@ def load_tokenizer(config: Any, workdir: str) -> models_lib.Tokenizer:
 
 # config.data keys of the retriever (popped before the document pipeline sees config.data)
 RETRIEVAL_DEFAULTS = dict(retrieval_workdir="", retrieval_variants=4, retrieval_exclude_above=0.9,
-                          retrieval_dedupe_above=0.98, retrieval_query_dropout=0.2)
+                          retrieval_dedupe_above=0.98, retrieval_query_dropout=0.2,
+                          retrieval_neighbours="dual_encoder")
+NEIGHBOUR_KINDS = ("dual_encoder", "random")  # "random": the ablation control, same token budget, no relevance
 
 
 def retrieval_settings(config: Any) -> dict[str, Any]:
@@ -305,6 +307,15 @@ def text_retriever(config: Any, vocab: Any) -> Any:
                              dedupe_above=sample.get("retrieval_dedupe_above", r["retrieval_dedupe_above"]))
 
 
+def random_neighbours(n: int, k: int, variants: int, seed: int) -> np.ndarray:
+  """int64 [n, variants, k]: for each row, k distinct other rows drawn uniformly (never the row itself)."""
+  if n <= k:
+    raise ValueError(f"random retrieval neighbours: {n} documents cannot give k={k} others each")
+  rng = np.random.default_rng(seed)
+  draws = np.stack([np.stack([rng.choice(n - 1, k, replace=False) for _ in range(variants)]) for _ in range(n)])
+  return draws + (draws >= np.arange(n)[:, None, None])  # skip the row itself
+
+
 def training_neighbours(config: Any, real: str, tokens_ds: str) -> dict[str, np.ndarray]:
   """Record id of the code dataset -> int [variants, k] code-dataset rows of its retrieved documents (built once,
   cached under data_dir; see `t2i.retrieval.store`)."""
@@ -312,10 +323,18 @@ def training_neighbours(config: Any, real: str, tokens_ds: str) -> dict[str, np.
   from t2i.retrieval import store
   r = retrieval_settings(config)
   k = int(config.data.retrieval_k)
+  data_dir = os.path.expanduser(config.data.get("data_dir") or "~/t2i_data")
+  if r["retrieval_neighbours"] not in NEIGHBOUR_KINDS:
+    raise ValueError(f"config.data.retrieval_neighbours={r['retrieval_neighbours']!r}: expected one of "
+                     f"{NEIGHBOUR_KINDS}")
+  if r["retrieval_neighbours"] == "random":
+    src = common.load_source(data_dir, tokens_ds, "train")
+    ids = [common.text(src[i]["id"]) for i in range(len(src))]
+    table = random_neighbours(len(ids), k, int(r["retrieval_variants"]), seed=int(config.seed))
+    return {i: table[j] for j, i in enumerate(ids)}
   if not r["retrieval_workdir"]:
     raise ValueError(f"config.data.retrieval_k={k}: set config.data.retrieval_workdir to a dual-encoder run "
                      "(experiments/dual_encoder_shapes.py)")
-  data_dir = os.path.expanduser(config.data.get("data_dir") or "~/t2i_data")
   index = store.build_document_index(r["retrieval_workdir"], data_dir, real, max(32, int(config.image_size)))
   table = store.build_neighbours(index, r["retrieval_workdir"], k, int(r["retrieval_variants"]),
                                  r["retrieval_exclude_above"], r["retrieval_dedupe_above"],

@@ -318,7 +318,8 @@ def random_neighbours(n: int, k: int, variants: int, seed: int) -> np.ndarray:
 
 def training_neighbours(config: Any, real: str, tokens_ds: str) -> dict[str, np.ndarray]:
   """Record id of the code dataset -> int [variants, k] code-dataset rows of its retrieved documents (built once,
-  cached under data_dir; see `t2i.retrieval.store`)."""
+  cached under data_dir; see `t2i.retrieval.store`), or of k random other documents (seeded by config.seed) when
+  config.data.retrieval_neighbours is "random"."""
   from data_pipelines.tfds import common
   from t2i.retrieval import store
   r = retrieval_settings(config)

@@ -307,6 +307,35 @@ def test_spin_hand_computed():
   np.testing.assert_allclose(loss_f, (_softplus(-0.6) + _softplus(-2.4)) / 2, rtol=1e-5)
 
 
+def test_spin_opponent_anchor():
+  """The anchor adds (beta/2) w relu(e_pol(gen) - e_opp(gen)): nothing while the policy denoises the opponent's
+  samples at least as well as the opponent; at 1 the total loss can no longer fall by raising that error."""
+  s = _const_schedule()
+  x_real, x_gen = _full([0.0, 0.5]), _full([1.0, 1.0])
+  rng = jax.random.PRNGKey(1)
+  # x0 guesses 0.6 / 0.3: squared errors on x_gen = 1 are 0.16 / 0.49 (snr 1 at this constant schedule)
+  good_on_gen, bad_on_gen = _eps_oracle(s, 0.6), _eps_oracle(s, 0.3)
+  plain, _ = P.spin_loss(good_on_gen, bad_on_gen, x_real, x_gen, None, rng, s, beta=2.0)
+  anchored, m = P.spin_loss(good_on_gen, bad_on_gen, x_real, x_gen, None, rng, s, beta=2.0, opponent_anchor=1.0)
+  np.testing.assert_allclose(anchored, plain, rtol=1e-6)
+  assert float(m["anchor"]) == 0.0
+  plain, m0 = P.spin_loss(bad_on_gen, good_on_gen, x_real, x_gen, None, rng, s, beta=2.0)
+  anchored, m = P.spin_loss(bad_on_gen, good_on_gen, x_real, x_gen, None, rng, s, beta=2.0, opponent_anchor=0.5)
+  gap = float(m0["mse_l_policy"] - m0["mse_l_ref"])  # both rows of x_gen are equal, so their errors are too
+  np.testing.assert_allclose(gap, 0.49 - 0.16, rtol=1e-5)
+  np.testing.assert_allclose(m["anchor"], gap, rtol=1e-5)  # beta / 2 = 1, w = 1
+  np.testing.assert_allclose(anchored, plain + 0.5 * gap, rtol=1e-5)
+  np.testing.assert_allclose(m["pair_loss"], plain, rtol=1e-6)
+  loss_f, m_f = P.flow_spin_loss(_v_oracle(0.2), _v_oracle(0.5), _full([0.0, 0.0]), _full([1.0, 1.0]), None, rng,
+                                 beta=0.5, t_sampler=lambda k, b: jnp.array([0.5, 0.25]), opponent_anchor=1.0)
+  assert float(m_f["anchor"]) > 0 and float(loss_f) > float(m_f["pair_loss"])
+  errs = (jnp.array([0.1, 0.2]), jnp.array([0.5, 0.3]), jnp.array([0.1, 0.2]), jnp.array([0.2, 0.1]))
+  pair_loss = P._pair_loss  # pylint: disable=protected-access
+  total = lambda e_l: pair_loss((errs[0], e_l, errs[2], errs[3]), jnp.zeros(()), jnp.ones(2), 100.0, "sigmoid", 0.0,
+                                1.0)[0]
+  assert bool(jnp.all(jax.grad(total)(errs[1]) >= 0))  # raising a loser error above the opponent's never pays
+
+
 def test_refresh_reference():
   ref, pol = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
   f = jax.jit(P.refresh_reference, static_argnums=3)

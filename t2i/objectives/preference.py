@@ -114,15 +114,27 @@ def _pair_errors(policy_fn: DenoiseFn, ref_fn: DenoiseFn, xt_w: jax.Array, xt_l:
 
 
 def _pair_loss(errs: tuple[jax.Array, ...], gap: jax.Array, w: jax.Array, beta: float | jax.Array,
-               loss_kind: str, sft_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """dpo_loss_from_errors + optional sft_weight * mean(policy error on winners), with the extra metrics."""
+               loss_kind: str, sft_weight: float, opponent_anchor: float = 0.0
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """dpo_loss_from_errors + optional sft_weight * mean(policy error on winners) + optional opponent anchor
+  opponent_anchor * mean((beta/2) w relu(err_l_policy - err_l_ref)), with the extra metrics.
+
+  The anchor is in reward units: at 1 it cancels the pair loss's push on a loser whose policy error is already
+  above the reference's (that push is at most (beta/2) w), so the margin can no longer be won by making the
+  losers (SPIN: the opponent's own samples) harder to denoise than the opponent finds them."""
   loss, metrics = dpo_loss_from_errors(*errs, beta, timestep_weight=w, loss_kind=loss_kind)
   metrics = {**metrics, "policy_ref_gap": gap, "weight_mean": jnp.mean(w)}
+  total = loss
   if sft_weight:
-    total = loss + sft_weight * jnp.mean(errs[0])
+    total = total + sft_weight * jnp.mean(errs[0])
+  if opponent_anchor:
+    scale = 0.5 * jnp.asarray(beta, jnp.float32) * jax.lax.stop_gradient(w)
+    anchor = jnp.mean(scale * jax.nn.relu(errs[1] - jax.lax.stop_gradient(errs[3])))
+    total = total + opponent_anchor * anchor
+    metrics = {**metrics, "anchor": jax.lax.stop_gradient(anchor)}
+  if sft_weight or opponent_anchor:
     metrics = {**metrics, "loss": total, "pair_loss": loss}
-    loss = total
-  return loss, metrics
+  return total, metrics
 
 
 def _check_prediction_type(prediction_type: str) -> None:
@@ -147,7 +159,7 @@ def _noise_pair(rng: jax.Array, x_w: jax.Array, x_l: jax.Array, schedule: D.Nois
 
 
 def _eps_pair_loss(policy_fn, ref_fn, x_w, x_l, cond, rng, schedule, *, beta, prediction_type, snr_gamma,
-                   noise_offset, shared_noise, loss_kind, sft_weight, concat_pair):
+                   noise_offset, shared_noise, loss_kind, sft_weight, concat_pair, opponent_anchor=0.0):
   _check_pair(x_w, x_l)
   noise_w, noise_l, t = _noise_pair(rng, x_w, x_l, schedule, noise_offset, shared_noise)
   xt_w = D.add_noise(schedule, x_w, noise_w, t)
@@ -156,7 +168,7 @@ def _eps_pair_loss(policy_fn, ref_fn, x_w, x_l, cond, rng, schedule, *, beta, pr
   tgt_l = D.target(schedule, x_l, noise_l, t, prediction_type)
   errs, gap = _pair_errors(policy_fn, ref_fn, xt_w, xt_l, t, tgt_w, tgt_l, cond, concat_pair)
   w = D.loss_weights(schedule, t, prediction_type, snr_gamma)
-  return _pair_loss(errs, gap, w, beta, loss_kind, sft_weight)
+  return _pair_loss(errs, gap, w, beta, loss_kind, sft_weight, opponent_anchor)
 
 
 def diffusion_dpo_loss(policy_fn: DenoiseFn, ref_fn: DenoiseFn, x_w: jax.Array, x_l: jax.Array, cond: PyTree,
@@ -201,22 +213,24 @@ def spin_loss(policy_fn: DenoiseFn, opponent_fn: DenoiseFn, x_real: jax.Array, x
               rng: jax.Array, schedule: D.NoiseSchedule, *, beta: float | jax.Array,
               prediction_type: str = "epsilon", snr_gamma: float | None = None, noise_offset: float = 0.0,
               shared_noise: bool = True, loss_kind: str = "sigmoid", sft_weight: float = 0.0,
-              concat_pair: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+              opponent_anchor: float = 0.0, concat_pair: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SPIN-Diffusion (single-timestep approximation): DPO with winner = real, loser = opponent sample.
 
     loss = mean -log sigmoid(-(beta/2) w_t [(e_pol(x_real) - e_opp(x_real)) - (e_pol(x_gen) - e_opp(x_gen))])
            + sft_weight * mean e_pol(x_real)
+           + opponent_anchor * mean (beta/2) w_t relu(e_pol(x_gen) - e_opp(x_gen))
 
   x_gen[i] must be the opponent's (previous iterate's) own sample for cond[i]; opponent_fn is that same iterate,
   frozen for the whole SPIN iteration. Defaults: shared (t, noise) per pair, constant timestep weight, logistic loss,
-  no SFT term; `shared_noise=False` draws independent noise (t stays shared), `loss_kind="hinge"` gives the hinge
-  variant, `snr_gamma` a min-SNR timestep weight. Metrics as in `diffusion_dpo_loss`, with w = real and l = gen.
+  no SFT term, no opponent anchor (see `_pair_loss`); `shared_noise=False` draws independent noise (t stays
+  shared), `loss_kind="hinge"` gives the hinge variant, `snr_gamma` a min-SNR timestep weight. Metrics as in
+  `diffusion_dpo_loss`, with w = real and l = gen.
   """
   _check_prediction_type(prediction_type)
   return _eps_pair_loss(policy_fn, opponent_fn, x_real, x_gen, cond, rng, schedule, beta=beta,
                         prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=noise_offset,
                         shared_noise=shared_noise, loss_kind=loss_kind, sft_weight=sft_weight,
-                        concat_pair=concat_pair)
+                        concat_pair=concat_pair, opponent_anchor=opponent_anchor)
 
 
 # ------------------------------------------------------------------------------------------- rectified flow
@@ -243,14 +257,14 @@ def flow_weights(t: jax.Array, weighting: str | Callable[[jax.Array], jax.Array]
 
 
 def _flow_pair_loss(policy_v, ref_v, x_w, x_l, cond, rng, *, beta, t_kw, weighting, shared_noise, loss_kind,
-                    sft_weight, concat_pair):
+                    sft_weight, concat_pair, opponent_anchor=0.0):
   _check_pair(x_w, x_l)
   noise_w, t = F.sample_noise_and_t(rng, x_w.shape, **t_kw)
   noise_l = noise_w if shared_noise else jax.random.normal(jax.random.fold_in(rng, 1), x_l.shape, jnp.float32)
   xt_w, xt_l = F.interpolate(x_w, noise_w, t), F.interpolate(x_l, noise_l, t)
   tgt_w, tgt_l = F.velocity_target(x_w, noise_w), F.velocity_target(x_l, noise_l)
   errs, gap = _pair_errors(policy_v, ref_v, xt_w, xt_l, t, tgt_w, tgt_l, cond, concat_pair)
-  loss, metrics = _pair_loss(errs, gap, flow_weights(t, weighting), beta, loss_kind, sft_weight)
+  loss, metrics = _pair_loss(errs, gap, flow_weights(t, weighting), beta, loss_kind, sft_weight, opponent_anchor)
   return loss, {**metrics, "t_mean": jnp.mean(t)}
 
 
@@ -281,16 +295,18 @@ def flow_spin_loss(policy_v: DenoiseFn, opponent_v: DenoiseFn, x_real: jax.Array
                    rng: jax.Array, *, beta: float | jax.Array, t_sampler: FlowT = "uniform",
                    logit_mean: float = 0.0, logit_std: float = 1.0, shift_mu: Any = None,
                    weighting: str | Callable[[jax.Array], jax.Array] = "constant", shared_noise: bool = True,
-                   loss_kind: str = "sigmoid", sft_weight: float = 0.0,
+                   loss_kind: str = "sigmoid", sft_weight: float = 0.0, opponent_anchor: float = 0.0,
                    concat_pair: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SPIN on velocity errors: `flow_dpo_loss` with winner = real, loser = opponent sample, ref = opponent.
 
-  Options as in `spin_loss` (shared_noise, loss_kind, sft_weight) and `flow_dpo_loss` (t settings, weighting).
+  Options as in `spin_loss` (shared_noise, loss_kind, sft_weight, opponent_anchor) and `flow_dpo_loss` (t settings,
+  weighting).
   """
   t_kw = dict(t_sampler=t_sampler, logit_mean=logit_mean, logit_std=logit_std, shift_mu=shift_mu)
   return _flow_pair_loss(policy_v, opponent_v, x_real, x_gen, cond, rng, beta=beta, t_kw=t_kw,
                          weighting=weighting, shared_noise=shared_noise, loss_kind=loss_kind,
-                         sft_weight=sft_weight, concat_pair=concat_pair)
+                         sft_weight=sft_weight, concat_pair=concat_pair,
+                         opponent_anchor=opponent_anchor)
 
 
 # ------------------------------------------------------------------------------------------- reference

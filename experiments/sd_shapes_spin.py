@@ -7,7 +7,9 @@ Run (after `make demo`; each round samples the opponent's images once, then trai
       --config.init_from.workdir=workdirs/sd_shapes
   python -m launch.main --config=experiments/sd_shapes_spin.py --workdir=workdirs/sd_spin2 \\
       --config.init_from.workdir=workdirs/sd_spin1
-Expected: the SPIN rows of the preference table in docs/results.md.
+Expected (docs/results.md, "Opponent anchor"; 2 seeds x 1,020 prompts): overall 0.086 after round 1 and 0.085 after
+round 2 vs continued SFT 0.073. `--config.preference.opponent_anchor=0` gives plain SPIN (the main preference
+table: 0.044 / 0.046, texture collapse in round 2).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective = "diffusion_spin"
   c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}))  # = the opponent
   c.preference = ml_collections.ConfigDict(dict(beta=2000.0, loss_kind="sigmoid", sft_weight=0.0,
-                                                          opponent_anchor=0.0))
+                                                          opponent_anchor=1.0))
   c.data = ml_collections.ConfigDict(dict(name="spin", data_dir="~/t2i_data", shapes_split="train", shapes_num=1200,
                                           round_seed=0, caption_dropout=0.0, flip=False, worker_count=0))
   return c

@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective = "diffusion_spin"
   c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}))  # = the opponent
   c.preference = ml_collections.ConfigDict(dict(beta=2000.0, loss_kind="sigmoid", sft_weight=0.0,
-                                                          opponent_anchor=1.0))
+                                                opponent_anchor=1.0))  # docs/results.md, "Opponent anchor"
   c.data = ml_collections.ConfigDict(dict(name="spin", data_dir="~/t2i_data", shapes_split="train", shapes_num=1200,
                                           round_seed=0, caption_dropout=0.0, flip=False, worker_count=0))
   return c

@@ -328,22 +328,21 @@ def training_neighbours(config: Any, real: str, tokens_ds: str) -> dict[str, np.
   if r["retrieval_neighbours"] not in NEIGHBOUR_KINDS:
     raise ValueError(f"config.data.retrieval_neighbours={r['retrieval_neighbours']!r}: expected one of "
                      f"{NEIGHBOUR_KINDS}")
-  if r["retrieval_neighbours"] == "random":
-    src = common.load_source(data_dir, tokens_ds, "train")
-    ids = [common.text(src[i]["id"]) for i in range(len(src))]
-    table = random_neighbours(len(ids), k, int(r["retrieval_variants"]), seed=int(config.seed))
-    return {i: table[j] for j, i in enumerate(ids)}
-  if not r["retrieval_workdir"]:
+  if r["retrieval_neighbours"] == "dual_encoder" and not r["retrieval_workdir"]:
     raise ValueError(f"config.data.retrieval_k={k}: set config.data.retrieval_workdir to a dual-encoder run "
                      "(experiments/dual_encoder_shapes.py)")
+  src = common.load_source(data_dir, tokens_ds, "train")
+  ids = [common.text(src[i]["id"]) for i in range(len(src))]  # code-dataset row -> record id
+  if r["retrieval_neighbours"] == "random":
+    table = random_neighbours(len(ids), k, int(r["retrieval_variants"]), seed=int(config.seed))
+    return {i: table[j] for j, i in enumerate(ids)}
   index = store.build_document_index(r["retrieval_workdir"], data_dir, real, max(32, int(config.image_size)))
   table = store.build_neighbours(index, r["retrieval_workdir"], k, int(r["retrieval_variants"]),
                                  r["retrieval_exclude_above"], r["retrieval_dedupe_above"],
                                  float(r["retrieval_query_dropout"]))
   with np.load(index) as f:
     index_ids = [str(i) for i in f["ids"]]
-  src = common.load_source(data_dir, tokens_ds, "train")
-  row_of = {common.text(src[i]["id"]): i for i in range(len(src))}
+  row_of = {i: j for j, i in enumerate(ids)}
   missing = [i for i in index_ids if i not in row_of]
   if missing:
     raise ValueError(f"{index}: documents such as {missing[:3]} are missing from {tokens_ds}")

@@ -147,3 +147,36 @@ def test_real_shapes_preference_pairs(tmp_path):
   ref = sorted((r["caption"], r["jpg_0"], float(r["label_0"])) for r in shapes.preference_pairs(4, seed=0, size=32))
   got = sorted((common.text(r["caption"]), r["jpg_0"], float(r["label_0"])) for r in (source[i] for i in range(4)))
   assert got == ref
+
+
+def test_concurrent_prepare_waits_then_reuses(tmp_path, fake_shapes):
+  """Two runs building the same dataset at once: the second waits for the first's lock, then reuses its files."""
+  import threading
+  config = shapes_bench.shapes_config("train", num=6, size=16, seed=1)
+  make = lambda: shapes_bench.ShapesBench(config=config, data_dir=str(tmp_path), file_format=common.FILE_FORMAT)
+  version_dir = common.prepare(make())
+  done = threading.Event()
+  fake_shapes.generate_records = lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated"))
+  with common.prepare_lock(version_dir):
+    t = threading.Thread(target=lambda: (common.prepare(make()), done.set()))
+    t.start()
+    assert not done.wait(0.5)  # blocked on the lock held here
+  t.join(10)
+  assert done.is_set()
+
+
+def test_prepare_lost_rename_to_complete_copy_is_success(tmp_path, fake_shapes, monkeypatch):
+  """Another host finished the same dataset first (TFDS's final rename fails): reuse it; fail if it is incomplete."""
+  config = shapes_bench.shapes_config("train", num=6, size=16, seed=2)
+  builder = shapes_bench.ShapesBench(config=config, data_dir=str(tmp_path), file_format=common.FILE_FORMAT)
+
+  def lose_rename(*_, **__):
+    raise FileExistsError("Destination already exists")
+
+  monkeypatch.setattr(builder, "download_and_prepare", lose_rename)
+  with pytest.raises(FileExistsError):  # nothing complete there
+    common.prepare(builder)
+  done = common.prepare(shapes_bench.ShapesBench(config=config, data_dir=str(tmp_path),
+                                                 file_format=common.FILE_FORMAT))
+  assert common.prepare(builder) == done
+  assert len(common.load_source(tmp_path, "shapes_bench/train_16px_n6_seed2")) == 6

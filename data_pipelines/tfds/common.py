@@ -1,6 +1,8 @@
 """Helpers shared by the TFDS builders: bytes features, offline preparation, reading without TensorFlow."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import pathlib
 
 import numpy as np
@@ -15,12 +17,35 @@ def bytes_feature(doc: str = "") -> tfds.features.Tensor:
 
 
 def prepare(builder: tfds.core.DatasetBuilder, overwrite: bool = False) -> pathlib.Path:
-  """Generates `builder` into its data_dir (offline, no Beam); returns the dataset version folder."""
+  """Generates `builder` into its data_dir (offline, no Beam); returns the dataset version folder.
+
+  Concurrent calls for the same dataset (two runs started at once on one machine) are serialised by a lock file
+  beside the version folder: the second waits, then reuses what the first wrote. Where the lock does not hold
+  (another host on a shared file system), losing the final rename to a complete copy counts as success.
+  """
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(download_mode=mode, try_download_gcs=False))
-  return pathlib.Path(str(builder.data_dir))
+  path = pathlib.Path(str(builder.data_dir))
+  with prepare_lock(path):
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(download_mode=mode, try_download_gcs=False))
+    except FileExistsError:
+      if not (path / "dataset_info.json").is_file():
+        raise
+  return path
+
+
+@contextlib.contextmanager
+def prepare_lock(version_dir: pathlib.Path):
+  """Exclusive lock (flock on a file beside `version_dir`) held while a dataset version is prepared."""
+  version_dir.parent.mkdir(parents=True, exist_ok=True)
+  with open(version_dir.parent / f".{version_dir.name}.prepare.lock", "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def dataset_dir(data_dir: str | pathlib.Path, dataset: str) -> pathlib.Path:

@@ -62,7 +62,8 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
     else:
       ti = jnp.round(level * (m.schedule.num_train_timesteps - 1)).astype(jnp.int32)
       x_t = diffusion.add_noise(m.schedule, x0, noise, jnp.full((b,), ti))
-      out = denoise(x_t, jnp.full((b,), ti, jnp.float32), cond)
+      x_in = diffusion.self_conditioned_input(x_t, jnp.zeros_like(x_t)) if m.self_condition else x_t  # 1st step
+      out = denoise(x_in, jnp.full((b,), ti, jnp.float32), cond)
       x0_hat, _ = _x0_eps(out, x_t, m.schedule.sqrt_alphas_cumprod[ti], m.schedule.sqrt_one_minus_alphas_cumprod[ti],
                           config.diffusion.prediction_type)
     return jnp.mean((x0_hat.astype(jnp.float32) - x0) ** 2)

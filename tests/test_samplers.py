@@ -219,3 +219,39 @@ def test_bad_arguments():
     S.sample(*args, timestep_spacing="karras")
   with pytest.raises(ValueError, match="x_T"):
     S.sample(*args, x_T=jnp.zeros((1, 4, 4, 3)))
+
+
+@pytest.mark.parametrize("sampler,prediction_type", [("ddim", "epsilon"), ("ddim", "sample"),
+                                                     ("euler", "v_prediction")])
+def test_self_conditioning_feeds_previous_x0(sampler, prediction_type):
+  """Each step's model input is [x_t, the previous step's x0 estimate] (zeros first), as a diffusers loop that
+  carries the scheduler's pred_original_sample into the next model call."""
+  noise = noise_like(3)
+  scheduler = diffusers_scheduler(sampler, prediction_type, "leading")
+  scheduler.set_timesteps(10)
+  x, x0_prev = torch.from_numpy(noise) * scheduler.init_noise_sigma, torch.zeros(SHAPE)
+  for t in scheduler.timesteps:
+    out = f_torch(scheduler.scale_model_input(x, t), t) + 0.3 * torch.tanh(x0_prev)
+    step = scheduler.step(out, t, x)
+    x, x0_prev = step.prev_sample, step.pred_original_sample
+
+  def f_sc(xc, t, cond):
+    x_, x0p = jnp.split(xc, 2, axis=-1)
+    return f_jax(x_, t, cond) + 0.3 * jnp.tanh(x0p)
+  out = S.sample_jit(f_sc, SHAPE, None, None, jax.random.key(0), schedule(), sampler=sampler, num_steps=10,
+                     guidance_scale=1.0, prediction_type=prediction_type, x_T=jnp.asarray(noise),
+                     self_condition=True)
+  assert_close(out, x.numpy())
+
+
+@pytest.mark.parametrize("sampler", S.DETERMINISTIC_SAMPLERS)
+def test_self_conditioning_with_a_model_that_ignores_it_changes_nothing(sampler):
+  """A model blind to the x0 channels samples as without self-conditioning, CFG included (both branches get the
+  same previous x0)."""
+  noise = jnp.asarray(noise_like(4))
+  cond, uncond = {"bias": jnp.full((2, 1, 1, 1), 0.3)}, {"bias": jnp.zeros((1, 1, 1, 1))}
+  blind = lambda xc, t, c: f_jax(jnp.split(xc, 2, axis=-1)[0], t, c)
+  kw = dict(sampler=sampler, num_steps=8, guidance_scale=3.0, prediction_type="v_prediction", x_T=noise)
+  plain = S.sample_jit(f_jax, SHAPE, cond, uncond, jax.random.key(0), schedule(), **kw)
+  sc = S.sample_jit(blind, SHAPE, cond, uncond, jax.random.key(0), schedule(), self_condition=True, **kw)
+  np.testing.assert_allclose(np.asarray(sc), np.asarray(plain), rtol=1e-6, atol=1e-6)

@@ -247,25 +247,59 @@ def per_example_error(pred: jax.Array, target_: jax.Array, weights: jax.Array | 
   return per_ex
 
 
+def x0_from_prediction(schedule: NoiseSchedule, x_t: jax.Array, pred: jax.Array, t: jax.Array,
+                       prediction_type: str = "epsilon") -> jax.Array:
+  """The clean estimate x0 implied by a `prediction_type` output at integer timesteps t [B]."""
+  _check_prediction_type(prediction_type)
+  a = _per_example(schedule.sqrt_alphas_cumprod, t, x_t)
+  s = _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+  if prediction_type == "epsilon":
+    return (x_t - s * pred) / a
+  if prediction_type == "v_prediction":
+    return a * x_t - s * pred
+  return pred
+
+
+def self_conditioned_input(x_t: jax.Array, x0_estimate: jax.Array) -> jax.Array:
+  """The self-conditioned denoiser's input: [x_t, previous x0 estimate] along channels (Chen et al. 2022)."""
+  return jnp.concatenate([x_t, x0_estimate.astype(x_t.dtype)], axis=-1)
+
+
 def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.Array, schedule: NoiseSchedule, *,
                    prediction_type: str = "epsilon", snr_gamma: float | None = None, weight_floor: float = 0.0,
                    noise_offset: float = 0.0, loss_type: str = "l2", huber_c: float = 0.1,
-                   mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   mask: jax.Array | None = None,
+                   self_condition: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Denoising loss: mean over the batch of `per_example_error` at uniformly drawn t.
 
   Args:
-    denoise_fn: (x_t, t int32 [B], cond) -> prediction with x_t's shape.
+    denoise_fn: (x_t, t int32 [B], cond) -> prediction with x_t's shape; with self-conditioning its input is
+      `self_conditioned_input(x_t, x0_estimate)` (twice x_t's channels).
     x0: clean images/latents [B, H, W, C].
     cond: conditioning pytree passed through to denoise_fn.
-    rng: PRNG key for noise, noise offset and t.
+    rng: PRNG key for noise, noise offset, t and the self-conditioning draw.
+    self_condition: 0 = off; p > 0: self-conditioning (Chen, Zhang & Hinton 2022, "Analog Bits"). On a share p
+      of steps the denoiser first runs on [x_t, 0] without gradient, and its x0 estimate replaces the zeros of
+      the trained pass; otherwise the trained pass sees [x_t, 0]. The sampler feeds each step the previous step's
+      x0 estimate, so the network learns to refine its own estimate.
   Returns:
     (scalar loss, metrics) where metrics holds "loss", "mse" (unweighted) and "weight_mean".
   """
   _check_prediction_type(prediction_type)
+  rng, sc_rng = jax.random.split(rng) if self_condition else (rng, None)
   noise, t = sample_noise_and_t(rng, x0.shape, schedule, noise_offset)
   noise = noise.astype(x0.dtype)
   x_t = add_noise(schedule, x0, noise, t)
-  pred = denoise_fn(x_t, t, cond)
+  if self_condition:
+    zeros = jnp.zeros_like(x_t)
+
+    def estimate():
+      first = denoise_fn(self_conditioned_input(x_t, zeros), t, cond)
+      return jax.lax.stop_gradient(x0_from_prediction(schedule, x_t, first, t, prediction_type).astype(x_t.dtype))
+    use = jax.random.uniform(sc_rng) < self_condition
+    pred = denoise_fn(self_conditioned_input(x_t, jax.lax.cond(use, estimate, lambda: zeros)), t, cond)
+  else:
+    pred = denoise_fn(x_t, t, cond)
   tgt = target(schedule, x0, noise, t, prediction_type)
   w = loss_weights(schedule, t, prediction_type, snr_gamma, weight_floor)
   per_ex = per_example_error(pred, tgt, w, mask, loss_type=loss_type, huber_c=huber_c)

@@ -22,6 +22,9 @@ Conventions
     (init_key, step_key) = split(rng); init_key draws x_T when it is not given. `rng` may also be a batch of keys
     (one per image, e.g. `vmap(PRNGKey)(seeds)`): then image b uses split(rng[b]) the same way for its own x_T and
     step noise, so its sample does not depend on which other images share the batch.
+  * `self_condition=True` (a model trained with `diffusion_loss(..., self_condition=p)`): every step feeds the
+    model [x_t, x0 of the previous step] along channels (zeros at the first step); with CFG both branches get the
+    previous step's guided x0.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i.objectives.diffusion import NoiseSchedule
+from t2i.objectives.diffusion import NoiseSchedule, self_conditioned_input
 
 PyTree = Any
 DenoiseFn = Callable[[jax.Array, jax.Array, PyTree], jax.Array]
@@ -143,7 +146,7 @@ def _guided_fn(denoise_fn: DenoiseFn, cond: PyTree, uncond: PyTree | None, guida
 def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: PyTree | None, rng: jax.Array,
            schedule: NoiseSchedule, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: Any = 7.5,
            prediction_type: str = "epsilon", eta: Any = 0.0, timestep_spacing: str = "leading",
-           steps_offset: int = 1, x_T: jax.Array | None = None) -> jax.Array:
+           steps_offset: int = 1, x_T: jax.Array | None = None, self_condition: bool = False) -> jax.Array:
   """Generates samples of `shape` (batch first) by integrating the reverse diffusion in one fori_loop.
 
   Traceable inside an outer `jax.jit` when shape, sampler, num_steps, prediction_type, timestep_spacing and
@@ -158,6 +161,7 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
     rng: PRNG key, or one key per image [B]; used for x_T if not given, and for "ddpm" / DDIM eta > 0 noise.
     schedule: training noise schedule.
     x_T: optional unit-variance starting noise of `shape`.
+    self_condition: feed the model [x_t, previous x0 estimate] (see the module docstring).
   """
   shape = tuple(int(s) for s in shape)
   big_t = schedule.num_train_timesteps
@@ -176,7 +180,10 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
   elif tuple(x_T.shape) != shape:
     raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
   x_T = x_T.astype(jnp.float32)
-  model = _guided_fn(denoise_fn, cond, uncond, guidance_scale, shape[0])
+  guided = _guided_fn(denoise_fn, cond, uncond, guidance_scale, shape[0])
+
+  def model(x, t, x0_prev):
+    return guided(self_conditioned_input(x, x0_prev) if self_condition else x, t)
   ts_np = timesteps_for(sampler, num_steps, big_t, timestep_spacing, steps_offset)
   ts = jnp.asarray(ts_np, jnp.float32)
   n = len(ts_np)
@@ -193,14 +200,15 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
 
     stochastic = not _is_zero(eta)
 
-    def body(i, x):
-      out = model(x, ts[i])
+    def body(i, carry):
+      x, x0_prev = carry
+      out = model(x, ts[i], x0_prev)
       x0, eps = _x0_eps(out, x, jnp.sqrt(a_t[i]), jnp.sqrt(1.0 - a_t[i]), prediction_type)
       x_prev = jnp.sqrt(a_prev[i]) * x0 + jnp.sqrt(1.0 - a_prev[i] - std[i] ** 2) * eps
       if stochastic:
         x_prev = x_prev + std[i] * normal(step_key, i)
-      return x_prev
-    return jax.lax.fori_loop(0, n, body, x_T)
+      return x_prev, x0
+    return jax.lax.fori_loop(0, n, body, (x_T, jnp.zeros_like(x_T)))[0]
 
   all_sigmas = _sigmas(ac)
   sig = jnp.interp(ts, jnp.arange(big_t, dtype=jnp.float32), all_sigmas)
@@ -211,18 +219,19 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
     if timestep_spacing == "leading":
       init_sigma = jnp.sqrt(init_sigma ** 2 + 1.0)
 
-    def body(i, x):
+    def body(i, carry):
+      x, x0_prev = carry
       s, s_next = sig[i], sig[i + 1]
       scale = jnp.sqrt(s * s + 1.0)
-      out = model(x / scale, ts[i])
+      out = model(x / scale, ts[i], x0_prev)
       if prediction_type == "epsilon":
         x0 = x - s * out
       elif prediction_type == "v_prediction":
         x0 = out * (-s / scale) + x / (s * s + 1.0)
       else:
         x0 = out
-      return x + (x - x0) / s * (s_next - s)
-    return jax.lax.fori_loop(0, n, body, x_T * init_sigma)
+      return x + (x - x0) / s * (s_next - s), x0
+    return jax.lax.fori_loop(0, n, body, (x_T * init_sigma, jnp.zeros_like(x_T)))[0]
 
   # dpmpp_2m, in VP space with alpha = 1 / sqrt(sigma^2 + 1), sigma_vp = sigma * alpha, lambda = log(alpha/sigma_vp).
   alpha = 1.0 / jnp.sqrt(sig * sig + 1.0)
@@ -237,8 +246,8 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
   coef_d1 = jnp.where(second, 0.5 * coef_d0 * h / jnp.where(second, h_prev, 1.0), 0.0)
 
   def body(i, carry):
-    x, m_prev = carry
-    out = model(x, ts[i])
+    x, m_prev = carry  # m_prev: the previous step's x0 estimate (zeros at the first step)
+    out = model(x, ts[i], m_prev)
     m0, _ = _x0_eps(out, x, alpha[i], sigma_vp[i], prediction_type)
     x_next = coef_x[i] * x + coef_d0[i] * m0 + coef_d1[i] * (m0 - m_prev)
     return x_next, m0
@@ -247,22 +256,22 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
 
 
 _STATIC = ("shape", "sampler", "num_steps", "prediction_type", "timestep_spacing", "steps_offset", "use_cfg",
-           "use_eta")
+           "use_eta", "self_condition")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _sample_jit(denoise_fn, cond, uncond, rng, schedule, x_T, guidance_scale, eta, *, shape, sampler, num_steps,
-                prediction_type, timestep_spacing, steps_offset, use_cfg, use_eta):
+                prediction_type, timestep_spacing, steps_offset, use_cfg, use_eta, self_condition):
   return sample(denoise_fn, shape, cond, uncond if use_cfg else None, rng, schedule, sampler=sampler,
                 num_steps=num_steps, guidance_scale=guidance_scale if use_cfg else 1.0,
                 prediction_type=prediction_type, eta=eta if use_eta else 0.0, timestep_spacing=timestep_spacing,
-                steps_offset=steps_offset, x_T=x_T)
+                steps_offset=steps_offset, x_T=x_T, self_condition=self_condition)
 
 
 def sample_jit(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: PyTree | None, rng: jax.Array,
                schedule: NoiseSchedule, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
                prediction_type: str = "epsilon", eta: float = 0.0, timestep_spacing: str = "leading",
-               steps_offset: int = 1, x_T: jax.Array | None = None) -> jax.Array:
+               steps_offset: int = 1, x_T: jax.Array | None = None, self_condition: bool = False) -> jax.Array:
   """`sample` compiled with jax.jit and cached per (denoise_fn, shapes, static options).
 
   guidance_scale and eta are traced (changing them does not recompile), except that guidance_scale == 1 selects
@@ -277,4 +286,4 @@ def sample_jit(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, unco
                      shape=tuple(int(s) for s in shape), sampler=sampler, num_steps=int(num_steps),
                      prediction_type=prediction_type, timestep_spacing=timestep_spacing,
                      steps_offset=int(steps_offset), use_cfg=use_cfg,
-                     use_eta=not _is_zero(eta))
+                     use_eta=not _is_zero(eta), self_condition=bool(self_condition))

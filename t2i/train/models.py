@@ -187,6 +187,13 @@ class T2IModels:
   def is_mmdit(self) -> bool:
     return hasattr(self.denoiser, "guidance_embeds")
 
+  @property
+  def self_condition(self) -> float:
+    """config.diffusion.self_condition of a U-Net run (0: off); the denoiser then reads [x_t, x0 estimate]."""
+    if self.schedule is None:
+      return 0.0
+    return float(self.config.diffusion.get("self_condition") or 0.0)
+
   # -- the model-family interface (t2i.train.family): what the loop, step and sampler ask of a models object
   def init_fns(self) -> dict[str, Callable[[jax.Array], Any]]:
     return init_fns(self)
@@ -335,12 +342,31 @@ def build_models(config: Any, tokenize: Tokenizer) -> T2IModels:
   schedule = None
   if config.get("diffusion") is not None and not hasattr(denoiser, "guidance_embeds"):
     schedule = diffusion.make_schedule(**_to_dict(config.diffusion.schedule))
+    _check_self_condition(config, name, denoiser, latent_shape)
   return T2IModels(
       denoiser=denoiser, text_encoders=encoders, vae=vae, trainable=trainable, image_size=size,
       max_length=sum(lengths), latent_shape=latent_shape, uncond_ids=tokenize([""])[0], id_blocks=id_blocks,
       schedule=schedule, config=config, denoiser_name=name, reference=reference,
       add_time_ids=getattr(denoiser, "addition_embed_type", None) == "text_time",
       hidden_layers=tuple(int(config[n].get("hidden_layer", -1)) for n in encoders))
+
+
+def _check_self_condition(config: Any, name: str, denoiser: nn.Module, latent_shape: tuple[int, ...]) -> None:
+  """Self-conditioning needs a denoiser reading twice the latent channels and the plain diffusion objective."""
+  p = float(config.diffusion.get("self_condition") or 0.0)
+  if not p:
+    return
+  if not 0.0 < p <= 1.0:
+    raise ValueError(f"config.diffusion.self_condition must be in [0, 1] (share of steps), got {p}")
+  c = latent_shape[-1]
+  if getattr(denoiser, "in_channels", None) != 2 * c:
+    raise ValueError(f"config.diffusion.self_condition: config.{name}.config.in_channels must be {2 * c} "
+                     f"(latent channels {c} + the x0 estimate's {c}), got {getattr(denoiser, 'in_channels', None)}")
+  if config.get("objective", "diffusion") != "diffusion":
+    raise ValueError(f"config.diffusion.self_condition is supported by objective 'diffusion' only, "
+                     f"not {config.objective!r}")
+  if config.diffusion.get("sigma_data"):
+    raise ValueError("config.diffusion.self_condition and config.diffusion.sigma_data cannot be combined")
 
 
 def init_fns(models: T2IModels) -> dict[str, Callable[[jax.Array], Any]]:
@@ -358,6 +384,8 @@ def init_fns(models: T2IModels) -> dict[str, Callable[[jax.Array], Any]]:
       cond = jax.eval_shape(lambda p: models.cond(p, ids), te_params)
       cond = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), cond)
       x = jnp.zeros((b,) + models.latent_shape, jnp.float32)
+      if models.self_condition:
+        x = jnp.concatenate([x, x], axis=-1)
       t = jnp.zeros((b,), jnp.float32 if models.is_mmdit else jnp.int32)
       return _init_denoiser(models, module, rng, x, t, cond, jnp.ones((b,), jnp.float32))
     return init

@@ -122,7 +122,7 @@ def diffusion_loss(params, frozen, batch, rng, models):
       _denoise_fn(p, models), x0, cond, r_loss, models.schedule,
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
       weight_floor=float(cfg.get("weight_floor") or 0.0), noise_offset=float(cfg.get("noise_offset", 0.0)),
-      loss_type=cfg.get("loss_type", "l2"))
+      loss_type=cfg.get("loss_type", "l2"), self_condition=models.self_condition)
 
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,
@@ -134,7 +134,8 @@ def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_
   shape = (input_ids.shape[0],) + models.latent_shape
   z = sampling.sample(_denoise_fn(p, models), shape, cond, uncond, rng,
                       models.schedule, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-                      prediction_type=models.config.diffusion.prediction_type, x_T=x_T)
+                      prediction_type=models.config.diffusion.prediction_type, x_T=x_T,
+                      self_condition=bool(models.self_condition))
   return jnp.clip(models.to_image(p, z).astype(jnp.float32), -1.0, 1.0)
 
 

@@ -98,3 +98,17 @@ def test_spin_round_samples_opponent_and_trains(sft_run, tmp_path):
                                             caption_dropout=0.0))
   rec = loop.train(cfg, str(tmp_path / "spin"))
   assert np.isfinite(rec["loss"]) and "implicit_acc" in rec
+
+
+def test_spin_round_name_tells_opponents_apart(tmp_path):
+  """The round cache key: same folder name in other parents, or the same run trained further, is another round."""
+  from t2i.train import spin_data
+  a, b = tmp_path / "x" / "run", tmp_path / "y" / "run"
+  for d in (a, b):
+    (d / "checkpoints" / "150").mkdir(parents=True)
+  name = lambda w: spin_data.round_name(str(w), "shapes_bench/train_32px", 1200, 0)
+  assert name(a) == name(a) and name(a) != name(b)
+  before = name(a)
+  (a / "checkpoints" / "300").mkdir()
+  assert name(a) != before and "st300" in name(a)
+  assert all(ch.isalnum() or ch == "_" for ch in name(a)) and len(name(a)) <= 120

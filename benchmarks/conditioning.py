@@ -35,7 +35,6 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
   from t2i import parallel
   from t2i.objectives import diffusion, flow
   from t2i.sample import Sampler
-  from t2i.sampling.diffusion import _x0_eps
   from t2i.train import loop, objectives
 
   s = Sampler(workdir, step=step)
@@ -60,12 +59,11 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
       x_t = flow.interpolate(x0, noise, t)
       x0_hat = x_t - level * denoise(x_t, t, objectives._with_guidance(cond, m, 1.0))
     else:
-      ti = jnp.round(level * (m.schedule.num_train_timesteps - 1)).astype(jnp.int32)
-      x_t = diffusion.add_noise(m.schedule, x0, noise, jnp.full((b,), ti))
+      ti = jnp.full((b,), jnp.round(level * (m.schedule.num_train_timesteps - 1)), jnp.int32)
+      x_t = diffusion.add_noise(m.schedule, x0, noise, ti)
       x_in = diffusion.self_conditioned_input(x_t, jnp.zeros_like(x_t)) if m.self_condition else x_t  # 1st step
-      out = denoise(x_in, jnp.full((b,), ti, jnp.float32), cond)
-      x0_hat, _ = _x0_eps(out, x_t, m.schedule.sqrt_alphas_cumprod[ti], m.schedule.sqrt_one_minus_alphas_cumprod[ti],
-                          config.diffusion.prediction_type)
+      out = denoise(x_in, ti.astype(jnp.float32), cond)
+      x0_hat = diffusion.x0_from_prediction(m.schedule, x_t, out, ti, config.diffusion.prediction_type)
     return jnp.mean((x0_hat.astype(jnp.float32) - x0) ** 2)
 
   return [{"workdir": workdir, "step": s.step, "level": float(level),

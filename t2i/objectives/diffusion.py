@@ -247,17 +247,22 @@ def per_example_error(pred: jax.Array, target_: jax.Array, weights: jax.Array | 
   return per_ex
 
 
+def x0_and_eps(out: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
+               prediction_type: str) -> tuple[jax.Array, jax.Array]:
+  """(x0, eps) predictions from a `prediction_type` model output at VP state x = alpha x0 + sigma eps."""
+  if prediction_type == "epsilon":
+    return (x - sigma * out) / alpha, out
+  if prediction_type == "v_prediction":
+    return alpha * x - sigma * out, alpha * out + sigma * x
+  return out, (x - alpha * out) / sigma
+
+
 def x0_from_prediction(schedule: NoiseSchedule, x_t: jax.Array, pred: jax.Array, t: jax.Array,
                        prediction_type: str = "epsilon") -> jax.Array:
   """The clean estimate x0 implied by a `prediction_type` output at integer timesteps t [B]."""
   _check_prediction_type(prediction_type)
-  a = _per_example(schedule.sqrt_alphas_cumprod, t, x_t)
-  s = _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
-  if prediction_type == "epsilon":
-    return (x_t - s * pred) / a
-  if prediction_type == "v_prediction":
-    return a * x_t - s * pred
-  return pred
+  return x0_and_eps(pred, x_t, _per_example(schedule.sqrt_alphas_cumprod, t, x_t),
+                    _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x_t), prediction_type)[0]
 
 
 def self_conditioned_input(x_t: jax.Array, x0_estimate: jax.Array) -> jax.Array:

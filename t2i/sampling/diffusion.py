@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i.objectives.diffusion import NoiseSchedule, self_conditioned_input
+from t2i.objectives.diffusion import NoiseSchedule, self_conditioned_input, x0_and_eps
 
 PyTree = Any
 DenoiseFn = Callable[[jax.Array, jax.Array, PyTree], jax.Array]
@@ -92,16 +92,6 @@ def _sigmas(alphas_cumprod: jax.Array) -> jax.Array:
   ac = alphas_cumprod.astype(jnp.float32)
   ac = ac.at[-1].set(jnp.where(ac[-1] == 0, 2.0 ** -24, ac[-1]))
   return jnp.sqrt((1.0 - ac) / ac)
-
-
-def _x0_eps(out: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
-            prediction_type: str) -> tuple[jax.Array, jax.Array]:
-  """(x0, eps) predictions from the model output at VP state x with x = alpha x0 + sigma eps."""
-  if prediction_type == "epsilon":
-    return (x - sigma * out) / alpha, out
-  if prediction_type == "v_prediction":
-    return alpha * x - sigma * out, alpha * out + sigma * x
-  return out, (x - alpha * out) / sigma
 
 
 def _is_key_batch(rng: jax.Array) -> bool:
@@ -203,7 +193,7 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
     def body(i, carry):
       x, x0_prev = carry
       out = model(x, ts[i], x0_prev)
-      x0, eps = _x0_eps(out, x, jnp.sqrt(a_t[i]), jnp.sqrt(1.0 - a_t[i]), prediction_type)
+      x0, eps = x0_and_eps(out, x, jnp.sqrt(a_t[i]), jnp.sqrt(1.0 - a_t[i]), prediction_type)
       x_prev = jnp.sqrt(a_prev[i]) * x0 + jnp.sqrt(1.0 - a_prev[i] - std[i] ** 2) * eps
       if stochastic:
         x_prev = x_prev + std[i] * normal(step_key, i)
@@ -248,7 +238,7 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
   def body(i, carry):
     x, m_prev = carry  # m_prev: the previous step's x0 estimate (zeros at the first step)
     out = model(x, ts[i], m_prev)
-    m0, _ = _x0_eps(out, x, alpha[i], sigma_vp[i], prediction_type)
+    m0, _ = x0_and_eps(out, x, alpha[i], sigma_vp[i], prediction_type)
     x_next = coef_x[i] * x + coef_d0[i] * m0 + coef_d1[i] * (m0 - m_prev)
     return x_next, m0
   x, _ = jax.lax.fori_loop(0, n, body, (x_T, jnp.zeros_like(x_T)))

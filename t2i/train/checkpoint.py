@@ -22,6 +22,17 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
                                item_names=("state", "frozen", "data"))
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Completed checkpoint steps under `workdir/checkpoints`, ascending (Orbax's temporary folders excluded)."""
+  root = checkpoints_dir(workdir)
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+def checkpoints_dir(workdir: str) -> str:
+  """`workdir/checkpoints` as an absolute path (`~` expanded), as `init_from` and SPIN rounds read it."""
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+
+
 def encode_data_state(state: Any) -> Any:
   """Iterator state -> JSON-able value (grain DataLoader iterators give bytes, dataset iterators dicts)."""
   if state is None:

@@ -26,14 +26,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
+from t2i.train import checkpoint
+
 
 class PartialParams(dict):
   """Flat {path tuple: array} for some leaves of a group; the rest keep their initialisation."""
 
 
 def _step_dir(workdir: str, step: int) -> str:
-  root = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  root, steps = checkpoint.checkpoints_dir(workdir), checkpoint.saved_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"{root}: no checkpoint to initialise from (init_from / reference.init_from)")
   if step < 0:

@@ -19,10 +19,9 @@ def round_name(opponent_workdir: str, real_dataset: str, num: int, seed: int) ->
   """Dataset config name of a round: opponent run (folder name, a hash of its full path and its latest checkpoint
   step) + real data + size + seed. Stable across restarts of the round; a different run of the same folder name,
   or the same run trained further, gets a new name instead of another opponent's cached samples."""
+  from t2i.train.checkpoint import saved_steps
   path = os.path.normpath(os.path.abspath(os.path.expanduser(opponent_workdir)))
-  ckpts = os.path.join(path, "checkpoints")
-  steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
-  tag = f"{hashlib.sha1(path.encode()).hexdigest()[:8]}_st{max(steps, default=-1)}"
+  tag = f"{hashlib.sha1(path.encode()).hexdigest()[:8]}_st{max(saved_steps(path), default=-1)}"
   real = real_dataset.replace("/", "_").replace(":", "_")
   clean = "".join(ch if ch.isalnum() else "_" for ch in f"spin_{tag}_{os.path.basename(path)}_{real}_n{num}_s{seed}")
   return clean[:120]

@@ -48,7 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective = "diffusion_dpo"
     c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}))
     c.preference = ml_collections.ConfigDict(dict(beta=2000.0, loss_kind="sigmoid",
-                                                  sft_on_winners=variant == "sft_winners"))
+                                                  sft_on_winners=variant == "sft_winners", sft_weight=0.0,
+                                                  opponent_anchor=0.0))  # anchors: t2i/objectives/preference.py
     c.data = ml_collections.ConfigDict(dict(name="shapes_pairs", data_dir="~/t2i_data", shapes_num=4000,
                                             shapes_seed=0, caption_dropout=0.0, flip=False, worker_count=0))
   elif variant == "sft":

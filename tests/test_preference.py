@@ -336,6 +336,26 @@ def test_spin_opponent_anchor():
   assert bool(jnp.all(jax.grad(total)(errs[1]) >= 0))  # raising a loser error above the opponent's never pays
 
 
+def test_dpo_anchors_equal_spin_with_the_reference_as_opponent():
+  """DPO takes SPIN's two anchors (SFT term on the winners, anchor on the losers against the frozen reference):
+  with winner = real, loser = generated and reference = opponent, both losses are the same function."""
+  s = _const_schedule()
+  x_w, x_l = _full([0.0, 0.5]), _full([1.0, 0.8])
+  rng = jax.random.PRNGKey(3)
+  policy, ref = _eps_oracle(s, 0.3), _eps_oracle(s, 0.6)
+  kw = dict(beta=2.0, sft_weight=0.3, opponent_anchor=0.5)
+  dpo, m_dpo = P.diffusion_dpo_loss(policy, ref, x_w, x_l, None, rng, s, **kw)
+  spin, _ = P.spin_loss(policy, ref, x_w, x_l, None, rng, s, **kw)
+  np.testing.assert_allclose(dpo, spin, rtol=1e-6)
+  plain, _ = P.diffusion_dpo_loss(policy, ref, x_w, x_l, None, rng, s, beta=2.0)
+  assert float(m_dpo["anchor"]) > 0 and float(dpo) > float(plain)
+  np.testing.assert_allclose(m_dpo["pair_loss"], plain, rtol=1e-6)
+  t_kw = dict(beta=0.5, t_sampler=lambda k, b: jnp.array([0.5, 0.25]), sft_weight=0.3, opponent_anchor=0.5)
+  dpo_f, _ = P.flow_dpo_loss(_v_oracle(0.2), _v_oracle(0.5), x_w, x_l, None, rng, **t_kw)
+  spin_f, _ = P.flow_spin_loss(_v_oracle(0.2), _v_oracle(0.5), x_w, x_l, None, rng, **t_kw)
+  np.testing.assert_allclose(dpo_f, spin_f, rtol=1e-6)
+
+
 def test_refresh_reference():
   ref, pol = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
   f = jax.jit(P.refresh_reference, static_argnums=3)

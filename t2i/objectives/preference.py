@@ -175,6 +175,7 @@ def diffusion_dpo_loss(policy_fn: DenoiseFn, ref_fn: DenoiseFn, x_w: jax.Array, 
                        rng: jax.Array, schedule: D.NoiseSchedule, *, beta: float | jax.Array,
                        prediction_type: str = "epsilon", sft_on_winners: bool = False,
                        snr_gamma: float | None = None, noise_offset: float = 0.0, loss_kind: str = "sigmoid",
+                       sft_weight: float = 0.0, opponent_anchor: float = 0.0,
                        concat_pair: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Diffusion-DPO on an epsilon / v / sample-predicting denoiser.
 
@@ -193,6 +194,9 @@ def diffusion_dpo_loss(policy_fn: DenoiseFn, ref_fn: DenoiseFn, x_w: jax.Array, 
     snr_gamma: min-SNR-gamma weights used as the per-pair timestep weight (None: constant, as in the official code).
     noise_offset: passed to `sample_noise_and_t`.
     loss_kind: "sigmoid" (DPO) or "hinge".
+    sft_weight, opponent_anchor: the anchors of `_pair_loss` (0 = off), with the frozen reference in the
+      opponent's place: the anchor keeps rejected images from being made harder to denoise than the reference
+      finds them.
     concat_pair: evaluate each model once on the 2B batch [x_w; x_l] (every cond leaf must have leading dim B);
       False makes two B-sized calls.
   Returns:
@@ -206,7 +210,8 @@ def diffusion_dpo_loss(policy_fn: DenoiseFn, ref_fn: DenoiseFn, x_w: jax.Array, 
     return loss, {"loss": loss, "mse_w_policy": m["mse"], "weight_mean": m["weight_mean"]}
   return _eps_pair_loss(policy_fn, ref_fn, x_w, x_l, cond, rng, schedule, beta=beta,
                         prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=noise_offset,
-                        shared_noise=True, loss_kind=loss_kind, sft_weight=0.0, concat_pair=concat_pair)
+                        shared_noise=True, loss_kind=loss_kind, sft_weight=sft_weight, concat_pair=concat_pair,
+                        opponent_anchor=opponent_anchor)
 
 
 def spin_loss(policy_fn: DenoiseFn, opponent_fn: DenoiseFn, x_real: jax.Array, x_gen: jax.Array, cond: PyTree,
@@ -272,7 +277,8 @@ def flow_dpo_loss(policy_v: DenoiseFn, ref_v: DenoiseFn, x_w: jax.Array, x_l: ja
                   rng: jax.Array, *, beta: float | jax.Array, t_sampler: FlowT = "uniform", logit_mean: float = 0.0,
                   logit_std: float = 1.0, shift_mu: Any = None,
                   weighting: str | Callable[[jax.Array], jax.Array] = "constant", sft_on_winners: bool = False,
-                  loss_kind: str = "sigmoid", concat_pair: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  loss_kind: str = "sigmoid", sft_weight: float = 0.0, opponent_anchor: float = 0.0,
+                  concat_pair: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Diffusion-DPO on rectified-flow velocity errors e(x) = mean ||(noise - x0) - v(x_t, t, cond)||^2.
 
   One (noise, t) per pair from `flow.sample_noise_and_t(rng, x_w.shape, t_sampler, logit_mean, logit_std,
@@ -280,6 +286,7 @@ def flow_dpo_loss(policy_v: DenoiseFn, ref_v: DenoiseFn, x_w: jax.Array, x_l: ja
   policy_v / ref_v: (x_t, t float [B], cond) -> velocity; guidance-embedded models take their guidance value
   through `cond`. weighting: "constant" (beta folded, default), "epsilon" (see `flow_weights`) or a callable.
   sft_on_winners: `flow.flow_loss` on x_w with the same weighting (the SFT arm; ref not evaluated).
+  sft_weight, opponent_anchor: as in `diffusion_dpo_loss`.
   This is also the stand-in for Krea's undisclosed TPO (multi-round, with `refresh_reference` between rounds).
   """
   t_kw = dict(t_sampler=t_sampler, logit_mean=logit_mean, logit_std=logit_std, shift_mu=shift_mu)
@@ -288,7 +295,8 @@ def flow_dpo_loss(policy_v: DenoiseFn, ref_v: DenoiseFn, x_w: jax.Array, x_l: ja
     loss, m = F.flow_loss(policy_v, x_w, cond, rng, weighting=lambda t: flow_weights(t, weighting), **t_kw)
     return loss, {"loss": loss, "mse_w_policy": m["mse"], "t_mean": m["t_mean"]}
   return _flow_pair_loss(policy_v, ref_v, x_w, x_l, cond, rng, beta=beta, t_kw=t_kw, weighting=weighting,
-                         shared_noise=True, loss_kind=loss_kind, sft_weight=0.0, concat_pair=concat_pair)
+                         shared_noise=True, loss_kind=loss_kind, sft_weight=sft_weight, concat_pair=concat_pair,
+                         opponent_anchor=opponent_anchor)
 
 
 def flow_spin_loss(policy_v: DenoiseFn, opponent_v: DenoiseFn, x_real: jax.Array, x_gen: jax.Array, cond: PyTree,

@@ -206,8 +206,9 @@ def _pair_inputs(params, frozen, batch, rng, models):
   return p, cond, latents(p, batch, r_w, models), latents(p, batch, r_l, models, key="image_l"), r_loss
 
 
-def _spin_kw(pcfg) -> dict[str, float]:
-  """SPIN's anchors from config.preference: the SFT term on real images and the opponent anchor (0 = off)."""
+def _anchor_kw(pcfg) -> dict[str, float]:
+  """The pair losses' anchors from config.preference: the SFT term on the winners (SPIN: real images) and the
+  opponent anchor (DPO: against the frozen reference); 0 or absent = off."""
   return dict(sft_weight=float(pcfg.get("sft_weight", 0.0)), opponent_anchor=float(pcfg.get("opponent_anchor", 0.0)))
 
 
@@ -220,9 +221,10 @@ def diffusion_pair_loss(params, frozen, batch, rng, models, spin: bool = False):
             noise_offset=float(dcfg.get("noise_offset", 0.0)), loss_kind=pcfg.get("loss_kind", "sigmoid"))
   policy, ref = _denoise_fn(p, models), _denoise_fn(p, models, reference=True)
   if spin:
-    return preference.spin_loss(policy, ref, x_w, x_l, cond, r, models.schedule, **_spin_kw(pcfg), **kw)
+    return preference.spin_loss(policy, ref, x_w, x_l, cond, r, models.schedule, **_anchor_kw(pcfg), **kw)
   return preference.diffusion_dpo_loss(policy, ref, x_w, x_l, cond, r, models.schedule,
-                                       sft_on_winners=bool(pcfg.get("sft_on_winners", False)), **kw)
+                                       sft_on_winners=bool(pcfg.get("sft_on_winners", False)), **_anchor_kw(pcfg),
+                                       **kw)
 
 
 def flow_pair_loss(params, frozen, batch, rng, models, spin: bool = False):
@@ -235,9 +237,9 @@ def flow_pair_loss(params, frozen, batch, rng, models, spin: bool = False):
             loss_kind=pcfg.get("loss_kind", "sigmoid"), **_flow_t_kw(models))
   policy, ref = _denoise_fn(p, models), _denoise_fn(p, models, reference=True)
   if spin:
-    return preference.flow_spin_loss(policy, ref, x_w, x_l, cond, r, **_spin_kw(pcfg), **kw)
+    return preference.flow_spin_loss(policy, ref, x_w, x_l, cond, r, **_anchor_kw(pcfg), **kw)
   return preference.flow_dpo_loss(policy, ref, x_w, x_l, cond, r,
-                                  sft_on_winners=bool(pcfg.get("sft_on_winners", False)), **kw)
+                                  sft_on_winners=bool(pcfg.get("sft_on_winners", False)), **_anchor_kw(pcfg), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ tokens family

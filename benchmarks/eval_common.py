@@ -16,12 +16,13 @@ def eval_prompt_texts(num_per_family: int, seed: int, image_size: int) -> list[s
 def sample_and_score(model, prompts: Sequence[str], seed: int, batch: int, **sample_kw) -> dict:
   """Samples one image per prompt with `model` (a `t2i.sample.Sampler`; image i from seed + i; `sample_kw` go to
   its call, e.g. sampler="top_p") into a temporary folder and returns its
-  `t2i.evaluate.evaluate_dir` summary ({"per_family", "overall", "sharpness", "num"})."""
+  `t2i.evaluate.evaluate_dir` summary ({"per_family", "overall", "sharpness", "num"}) with "prompt_seed": seed,
+  which with "num" names the prompt set (`benchmarks.score_table` pools by it)."""
   from t2i import evaluate
   from t2i.sample import sample_prompts
   with tempfile.TemporaryDirectory() as out:
     sample_prompts(model, list(prompts), 1, seed, batch, out, **sample_kw)
-    return evaluate.evaluate_dir(out)
+    return {**evaluate.evaluate_dir(out), "prompt_seed": seed}
 
 
 def emit(rows: Sequence[dict], out: str | None) -> None:

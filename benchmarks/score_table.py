@@ -1,0 +1,112 @@
+"""A results table from `benchmarks.shapes_eval` / `cm3_eval` JSON lines: per arm (one or more training seeds, one
+workdir each), the accuracy of each run pooled over the prompt sets it was scored on, the mean over seeds, and a
+binomial standard error of that mean. This is the form of the preference table (issue: mean over >= 2 seeds).
+
+  python -m benchmarks.score_table --scores=S1.jsonl,S2.jsonl --arm="SFT checkpoint=W0" \\
+      --arm="continued SFT=W1,W2" --arm="DPO=W3,W4" [--setting=plain] [--family=single]
+
+A prompt set is (prompt seed, number of prompts); rows written before the prompt seed was recorded fall back to the
+number of prompts alone. Every run of the table must have been scored on the same prompt sets (else an error names
+the run and what it lacks); for a repeated (workdir, setting, prompt set) the last line wins. The standard error is
+sqrt(p (1 - p) / n) over all n scored images of the arm: it counts prompt noise, not seed-to-seed spread, which the
+per-seed column shows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Iterable, Sequence
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_SCORES = flags.DEFINE_list("scores", None, "JSON-line score files (shapes_eval / cm3_eval --out).")
+_ARMS = flags.DEFINE_multi_string("arm", None, "NAME=WORKDIR[,WORKDIR...]: one arm, one workdir per seed.")
+_SETTING = flags.DEFINE_string("setting", "plain", "Which sampling setting's rows to use.")
+_FAMILY = flags.DEFINE_string("family", "", "Score one family (e.g. single) instead of overall accuracy.")
+
+
+def prompt_set(row: dict) -> tuple:
+  return (row.get("prompt_seed"), int(row["num"]))
+
+
+def load_rows(lines: Iterable[str], setting: str) -> dict[str, dict[tuple, dict]]:
+  """workdir -> prompt set -> row (the last line for each), for one sampling setting."""
+  runs: dict[str, dict[tuple, dict]] = {}
+  for line in lines:
+    if line.strip():
+      row = json.loads(line)
+      if row.get("setting", "plain") == setting:
+        runs.setdefault(os.path.normpath(row["workdir"]), {})[prompt_set(row)] = row
+  return runs
+
+
+def _accuracy(row: dict, family: str) -> float:
+  if not family:
+    return float(row["overall"])
+  if family not in row["per_family"]:
+    raise ValueError(f"--family={family!r}: not in {sorted(row['per_family'])}")
+  return float(row["per_family"][family])
+
+
+def _family_count(row: dict, family: str) -> int:
+  return int(row["num"]) // len(row["per_family"]) if family else int(row["num"])
+
+
+def table(runs: dict[str, dict[tuple, dict]], arms: Sequence[tuple[str, Sequence[str]]], family: str = "") -> str:
+  """Markdown table: arm | per-seed pooled accuracy | mean | standard error | images scored."""
+  for name, workdirs in arms:
+    for w in workdirs:
+      if not runs.get(os.path.normpath(w)):
+        raise ValueError(f"arm {name!r}: no score rows for workdir {w}")
+  run_sets = [set(runs[os.path.normpath(w)]) for _, ws in arms for w in ws]
+  shared, seen = set.intersection(*run_sets), set.union(*run_sets)
+  if not shared:
+    raise ValueError("the runs share no prompt set")
+  order = sorted(shared, key=str)
+  lines = [f"prompt sets (seed, prompts): {', '.join(str(s) for s in order)}"]
+  if seen - shared:
+    lines.append(f"left out (not scored for every run): {', '.join(str(s) for s in sorted(seen - shared, key=str))}")
+  lines += ["",
+           "| arm | per seed | mean | s.e. | images |", "|---|---|---|---|---|"]
+  for name, workdirs in arms:
+    per_seed, hits, n = [], 0.0, 0
+    for w in workdirs:
+      rows = [runs[os.path.normpath(w)][s] for s in order]
+      counts = [_family_count(r, family) for r in rows]
+      correct = sum(_accuracy(r, family) * c for r, c in zip(rows, counts))
+      per_seed.append(correct / sum(counts))
+      hits, n = hits + correct, n + sum(counts)
+    mean = hits / n
+    se = math.sqrt(mean * (1 - mean) / n)
+    lines.append(f"| {name} | {' / '.join(f'{p:.3f}' for p in per_seed)} | **{mean:.3f}** | {se:.3f} | {n} |")
+  return "\n".join(lines)
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+  name, sep, dirs = text.partition("=")
+  if not sep or not name.strip() or not dirs.strip():
+    raise app.UsageError(f"--arm={text!r}: expected NAME=WORKDIR[,WORKDIR...]")
+  return name.strip(), [d for d in dirs.split(",") if d]
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _SCORES.value or not _ARMS.value:
+    raise app.UsageError("--scores and at least one --arm are required")
+  lines: list[str] = []
+  for path in _SCORES.value:
+    if not os.path.exists(path):
+      raise app.UsageError(f"--scores: no file {path}")
+    with open(path) as f:
+      lines += f.readlines()
+  print(table(load_rows(lines, _SETTING.value), [parse_arm(a) for a in _ARMS.value], _FAMILY.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,48 @@
+"""benchmarks.score_table: pooling over prompt sets, mean over seeds, shared-set rule, errors naming the input."""
+import json
+
+import pytest
+
+from benchmarks import score_table
+
+
+def _row(workdir, overall, num, prompt_seed=None, setting="plain", single=0.5):
+  row = {"workdir": workdir, "setting": setting, "overall": overall, "num": num,
+         "per_family": {"single": single, "two_objects": 0.0}}
+  if prompt_seed is not None:
+    row["prompt_seed"] = prompt_seed
+  return json.dumps(row)
+
+
+def test_pooled_per_seed_mean_and_shared_sets():
+  lines = [_row("/r/a0", 0.5, 100, 1), _row("/r/a0", 0.2, 300, 2), _row("/r/a1", 0.3, 100, 1),
+           _row("/r/a1", 0.4, 300, 2), _row("/r/b", 0.1, 100, 1), _row("/r/b", 0.0, 300, 2),
+           _row("/r/b", 0.9, 50, 3),  # only b has this set: left out
+           _row("/r/a0", 0.9, 100, 1, setting="neg"),  # another setting: ignored
+           _row("/r/b/", 0.6, 300, 2)]  # same run (path normalised), later line wins
+  runs = score_table.load_rows(lines, "plain")
+  out = score_table.table(runs, [("A", ["/r/a0", "/r/a1"]), ("B", ["/r/b"])])
+  # a0: (50 + 60) / 400 = 0.275; a1: (30 + 120) / 400 = 0.375; mean 0.325 over 800 images
+  assert "| A | 0.275 / 0.375 | **0.325** | 0.017 | 800 |" in out
+  assert "| B | 0.475 | **0.475** | 0.025 | 400 |" in out  # (10 + 180) / 400
+  assert "left out (not scored for every run): (3, 50)" in out
+  single = score_table.table(runs, [("B", ["/r/b"])], family="single")
+  # B alone: all three of its sets count; 2 families, so half of the 450 images are single-object prompts
+  assert "| B | 0.500 | **0.500** | 0.033 | 225 |" in single
+
+
+def test_rows_without_prompt_seed_group_by_size():
+  runs = score_table.load_rows([_row("w", 0.5, 120), _row("w", 0.25, 300)], "plain")
+  assert set(runs["w"]) == {(None, 120), (None, 300)}
+
+
+def test_errors_name_the_problem():
+  runs = score_table.load_rows([_row("w", 0.5, 120, 1), _row("v", 0.5, 300, 2)], "plain")
+  with pytest.raises(ValueError, match="no score rows for workdir x"):
+    score_table.table(runs, [("X", ["x"])])
+  with pytest.raises(ValueError, match="share no prompt set"):
+    score_table.table(runs, [("W", ["w"]), ("V", ["v"])])
+  with pytest.raises(ValueError, match="--family='colour'"):
+    score_table.table(runs, [("W", ["w"])], family="colour")
+  with pytest.raises(Exception, match="NAME=WORKDIR"):
+    score_table.parse_arm("no-equals-sign")

@@ -35,13 +35,19 @@ def prompt_set(row: dict) -> tuple:
 
 
 def load_rows(lines: Iterable[str], setting: str) -> dict[str, dict[tuple, dict]]:
-  """workdir -> prompt set -> row (the last line for each), for one sampling setting."""
+  """workdir -> prompt set -> row, for one sampling setting and each workdir's latest scored checkpoint step (the
+  last line wins among repeats)."""
+  rows = [json.loads(line) for line in lines if line.strip()]
+  rows = [r for r in rows if r.get("setting", "plain") == setting]
+  latest: dict[str, int] = {}
+  for r in rows:
+    w = os.path.normpath(r["workdir"])
+    latest[w] = max(latest.get(w, -1), int(r.get("step", -1)))
   runs: dict[str, dict[tuple, dict]] = {}
-  for line in lines:
-    if line.strip():
-      row = json.loads(line)
-      if row.get("setting", "plain") == setting:
-        runs.setdefault(os.path.normpath(row["workdir"]), {})[prompt_set(row)] = row
+  for r in rows:
+    w = os.path.normpath(r["workdir"])
+    if int(r.get("step", -1)) == latest[w]:
+      runs.setdefault(w, {})[prompt_set(r)] = r
   return runs
 
 

@@ -6,8 +6,8 @@ import pytest
 from benchmarks import score_table
 
 
-def _row(workdir, overall, num, prompt_seed=None, setting="plain", single=0.5):
-  row = {"workdir": workdir, "setting": setting, "overall": overall, "num": num,
+def _row(workdir, overall, num, prompt_seed=None, setting="plain", single=0.5, step=100):
+  row = {"workdir": workdir, "step": step, "setting": setting, "overall": overall, "num": num,
          "per_family": {"single": single, "two_objects": 0.0}}
   if prompt_seed is not None:
     row["prompt_seed"] = prompt_seed
@@ -19,6 +19,7 @@ def test_pooled_per_seed_mean_and_shared_sets():
            _row("/r/a1", 0.4, 300, 2), _row("/r/b", 0.1, 100, 1), _row("/r/b", 0.0, 300, 2),
            _row("/r/b", 0.9, 50, 3),  # only b has this set: left out
            _row("/r/a0", 0.9, 100, 1, setting="neg"),  # another setting: ignored
+           _row("/r/a1", 0.9, 100, 1, step=50), _row("/r/a1", 0.9, 70, 5, step=50),  # an earlier step: ignored
            _row("/r/b/", 0.6, 300, 2)]  # same run (path normalised), later line wins
   runs = score_table.load_rows(lines, "plain")
   out = score_table.table(runs, [("A", ["/r/a0", "/r/a1"]), ("B", ["/r/b"])])

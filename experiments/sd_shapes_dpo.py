@@ -6,7 +6,10 @@ Run (after the demo, `make demo`, which trains workdirs/sd_shapes; a few minutes
   python -m launch.main --config=experiments/sd_shapes_dpo.py --workdir=workdirs/sd_dpo \\
       --config.init_from.workdir=workdirs/sd_shapes
 Expected: the U-Net rows of the preference table in docs/results.md; implicit accuracy (TensorBoard
-"implicit_acc") rises above 0.5.
+"implicit_acc") rises above 0.5. From the stronger `sd_shapes.py:long` model plain DPO textures its samples (0.457
+-> 0.330 over 1,020 prompts); add `--config.preference.sft_weight=1000` (SFT term on the winners) or
+`--config.preference.opponent_anchor=1` (0.469 each), and give the `:sft` arm the start's own weighting,
+`--config.diffusion.weight_floor=1` ("Preference arms from the 12,000-step `:long` model").
 Variants: `:sft` continued SFT on the real training split, same steps and batch (the baseline arm);
 `:sft_winners` the Diffusion-DPO paper's SFT-on-winners switch; `:smoke` (tests).
 """

@@ -13,8 +13,7 @@ Run (about 10 minutes on 2 CPU cores):
   python -m t2i.evaluate --samples=O
 Expected: the pre-training row of the Krea table in docs/results.md.
 Variants: `:long` (8,000 steps, 72 min on one CPU core: overall 0.148 over 1,020 prompts, and SFT from it 0.159,
-3 seeds);
-`:smoke` (few steps, tests).
+mean of 3 seeds); `:smoke` (few steps, tests).
 """
 from __future__ import annotations
 

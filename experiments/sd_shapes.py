@@ -12,9 +12,8 @@ Expected (docs/results.md, 120 prompts): overall 0.07-0.10, single 0.10 (goal 0.
 steps, 51 min on 2 CPU cores; 720 prompts) overall 0.45, single 0.73, two objects 0.42, position 0.22 (goal 0.95 /
 0.6 / 0.4: not reached).
 Variants: `:long` (8x the steps, min-SNR weight floored at 1: at 6,000 steps single 0.41 vs 0.21 without the
-floor); `:latent`
-(tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent` (stand-in toy models and toy data, a few steps; used
-by the tests to exercise the loop quickly).
+floor); `:latent` (tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent` (stand-in toy models and toy data,
+a few steps; used by the tests to exercise the loop quickly).
 """
 from __future__ import annotations
 

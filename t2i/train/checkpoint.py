@@ -18,8 +18,7 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
   """CheckpointManager over `workdir/checkpoints`, keeping the last `keep` steps."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                          cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
-                               item_names=("state", "frozen", "data"))
+  return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=("state", "frozen", "data"))
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -29,7 +28,8 @@ def saved_steps(workdir: str) -> list[int]:
 
 
 def checkpoints_dir(workdir: str) -> str:
-  """`workdir/checkpoints` as an absolute path (`~` expanded), as `init_from` and SPIN rounds read it."""
+  """`workdir/checkpoints` as an absolute path (`~` expanded): where the manager writes and `init_from` and SPIN
+  rounds read."""
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
 
 

@@ -17,12 +17,17 @@ def sample_and_score(model, prompts: Sequence[str], seed: int, batch: int, **sam
   """Samples one image per prompt with `model` (a `t2i.sample.Sampler`; image i from seed + i; `sample_kw` go to
   its call, e.g. sampler="top_p") into a temporary folder and returns its
   `t2i.evaluate.evaluate_dir` summary ({"per_family", "overall", "sharpness", "num"}) with "prompt_seed": seed,
-  which with "num" names the prompt set (`benchmarks.score_table` pools by it)."""
+  which with "num" names the prompt set (`benchmarks.score_table` pools by it), and "passed": per family, one
+  "0"/"1" character per sample in prompt order (what `score_table --baseline` pairs)."""
   from t2i import evaluate
   from t2i.sample import sample_prompts
   with tempfile.TemporaryDirectory() as out:
     sample_prompts(model, list(prompts), 1, seed, batch, out, **sample_kw)
-    return {**evaluate.evaluate_dir(out), "prompt_seed": seed}
+    summary = evaluate.evaluate_dir(out, return_results=True)
+  passed: dict[str, str] = {}
+  for r in summary.pop("results"):
+    passed[r["family"]] = passed.get(r["family"], "") + ("1" if r["passed"] else "0")
+  return {**summary, "prompt_seed": seed, "passed": passed}
 
 
 def emit(rows: Sequence[dict], out: str | None) -> None:

@@ -173,6 +173,9 @@ def test_cm3_eval_rows(runs, capsys):
     assert r["num"] == 6 and 0.0 <= r["overall"] <= 1.0 and len(r["per_family"]) == 6
     assert r["step"] == 4 and r["seconds"] >= 0
     assert (r["retrieved_caption_exact"] is None) == (r["retrieval_k"] == 0)
+    # per-sample outcomes in prompt order, one string per family, agreeing with the family accuracies
+    assert {f: len(p) for f, p in r["passed"].items()} == {f: 1 for f in r["per_family"]}
+    assert {f: float(p) for f, p in r["passed"].items()} == r["per_family"]
   assert [r["guidance"] for r in rows[:3]] == [2.0, 1.0, 2.0] and rows[2]["sampler"] == "cd_k"
   # The command line: one JSON line per (retrieval, setting), also appended to --out.
   from absl import flags

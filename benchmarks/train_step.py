@@ -1,6 +1,6 @@
 r"""U-Net train step: t2i (JAX, jit) vs diffusers (PyTorch), same config and batch, one run.
 
-  python benchmarks/train_step.py --channels=64,128,256 --size=32 --batch=8 --steps=10 [--devices=1]
+  python benchmarks/train_step.py --channels=64,128,256 --size=32 --batch=8 --steps=10 [--devices=1] [--dtype=bfloat16]
 
 Step = forward + backward + AdamW update, loss = MSE(prediction, eps) on a fixed noised batch.
 Steps of the two frameworks are interleaved (ours, torch, ours, ...) so that background load hits
@@ -8,7 +8,10 @@ both alike; medians are reported. Model FLOPs per step come from XLA's cost anal
 (`jax.jit(step).lower(...).cost_analysis()["flops"]`) of the same step traced with plain einsum
 attention (`reference_attention`): our blocked attention runs in `lax.map`/`lax.scan` loops, whose
 bodies XLA's cost analysis counts once, and recomputes P in the backward (not model FLOPs).
-MFU = (model FLOPs / our step time) / measured float32 matmul peak (a timed 2048^3 `jnp.dot`).
+MFU = (model FLOPs / our step time) / measured matmul peak of the compute dtype (a timed 2048^3 `jnp.dot`).
+`--dtype=bfloat16` runs both in mixed precision (float32 weights and loss): ours with the module's `dtype`, PyTorch
+under `torch.autocast("cpu", torch.bfloat16)`; the script also prints both frameworks' bfloat16 matmul peak, since
+on CPUs with AMX PyTorch's oneDNN uses it and XLA:CPU (jaxlib wheels) does not.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per framework (after one
 _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads")
 _TORCH = flags.DEFINE_bool("torch", True, "also time diffusers/PyTorch")
 _REMAT = flags.DEFINE_bool("remat", False, "remat resnet/transformer blocks (ours)")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of both models")
 _DEVICES = flags.DEFINE_integer("devices", -1, "XLA CPU devices for ours, batch sharded over them (data "
                                 "parallel): -1 = one per available core that divides the batch, as launch.main "
                                 "runs; 1 = a single device (t2i/parallel/host.py)")
@@ -47,14 +51,21 @@ def unet_config() -> dict:
       norm_num_groups=32)
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+def matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
   best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
   return 2 * n ** 3 / best
+
+
+def torch_matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
+  import torch
+  a = torch.randn(n, n, dtype=getattr(torch, dtype))
+  a @ a
+  return 2 * n ** 3 / min(_timed(lambda: a @ a) for _ in range(reps))
 
 
 def request_cpu_devices(requested: int, batch: int) -> int:
@@ -102,7 +113,7 @@ def main(argv):
   ctx = rng.standard_normal((b, _TOKENS.value, _CTX.value)).astype(np.float32)
 
   # ---- ours
-  module = UNet2DConditionModel(**cfg, remat=_REMAT.value)
+  module = UNet2DConditionModel(**cfg, remat=_REMAT.value, dtype=jnp.dtype(_DTYPE.value))
   params = jax.tree.map(lambda a: jnp.asarray(0.02 * rng.standard_normal(a.shape), jnp.float32),
                         abstract_params(module))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -110,7 +121,7 @@ def main(argv):
   opt_state = tx.init(params)
 
   def loss_fn(p, noisy, t, ctx, eps):
-    pred = module.apply({"params": p}, noisy, t, ctx)
+    pred = module.apply({"params": p}, noisy, t, ctx).astype(jnp.float32)
     return jnp.mean(jnp.square(pred - eps))
 
   def step(p, o, noisy, t, ctx, eps):
@@ -160,10 +171,13 @@ def main(argv):
     t_params = sum(p.numel() for p in tmodel.parameters())
     assert t_params == n_params, (t_params, n_params)
 
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=_DTYPE.value == "bfloat16")
+
     def torch_step():
       topt.zero_grad(set_to_none=True)
-      pred = tmodel(tb[0], tb[1], tb[2]).sample
-      loss = torch.nn.functional.mse_loss(pred, tb[3])
+      with autocast():
+        pred = tmodel(tb[0], tb[1], tb[2]).sample
+      loss = torch.nn.functional.mse_loss(pred.float(), tb[3])
       loss.backward()
       topt.step()
 
@@ -182,16 +196,16 @@ def main(argv):
                                for _ in range(3))
   torch_fwd = None
   if torch_step:
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
       tmodel(tb[0], tb[1], tb[2])
       torch_fwd = statistics.median(_timed(lambda: tmodel(tb[0], tb[1], tb[2])) for _ in range(3))
 
-  peak = matmul_peak()
+  peak = matmul_peak(_DTYPE.value)
   ours_ms = 1e3 * statistics.median(ours_t)
   print(f"config: {cfg}")
   print(f"batch {b}, {s}x{s}x4 latents, {_TOKENS.value} tokens x {_CTX.value}; params {n_params / 1e6:.2f} M; "
         f"ours on {n_dev} {jax.devices()[0].platform} device(s), batch split over them; "
-        f"torch threads {_THREADS.value}; "
+        f"torch threads {_THREADS.value}; compute {_DTYPE.value}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"ours  compile {compile_s:.1f} s")
   print(f"ours  train step {ours_ms:8.1f} ms (median of {len(ours_t)}; min {1e3 * min(ours_t):.1f}), "
@@ -202,7 +216,11 @@ def main(argv):
           f"forward {1e3 * torch_fwd:.1f} ms")
     print(f"ratio torch/ours {torch_ms / ours_ms:.2f}x")
   print(f"model FLOPs/step (XLA cost_analysis, step with plain attention) {flops / 1e9:.1f} GFLOP")
-  print(f"float32 matmul peak (2048^3 jnp.dot) {peak / 1e9:.1f} GFLOP/s")
+  print(f"{_DTYPE.value} matmul peak (2048^3 jnp.dot) {peak / 1e9:.1f} GFLOP/s")
+  if torch_step:
+    print(f"matmul peaks (2048^3; torch on {_THREADS.value} threads): " + ", ".join(
+        f"{d} jax {matmul_peak(d) / 1e9:.0f} / torch {torch_matmul_peak(d) / 1e9:.0f} GFLOP/s"
+        for d in ("float32", "bfloat16")))
   print(f"ours achieved {flops / (ours_ms / 1e3) / 1e9:.1f} GFLOP/s, MFU {flops / (ours_ms / 1e3) / peak:.1%}")
 
 

@@ -14,8 +14,10 @@ per-seed column shows.
 With `--baseline=NAME` each arm also gets its difference to that arm, paired over the scored prompts: every run
 samples prompt i of a set from the same noise, so two close models pass or fail mostly the same prompts and the
 difference is far less noisy than the two standard errors suggest. Per prompt, each arm's pass rate over its seeds
-is taken; the column shows the mean difference and its standard error over prompts (sd / sqrt(prompts)). This
-needs the per-sample "passed" strings that `benchmarks.eval_common.sample_and_score` writes; older rows give "-".
+is taken; the column shows the mean difference and its standard error over prompts (sd / sqrt(prompts)). Like the
+s.e. column it counts prompt noise only: whether the difference holds across training seeds shows in the per-seed
+column. This needs the per-sample "passed" strings that `benchmarks.eval_common.sample_and_score` writes; older
+rows give "-".
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ on CPUs with AMX PyTorch's oneDNN uses it and XLA:CPU (jaxlib wheels) does not.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -135,7 +136,16 @@ def main(argv):
     params, opt_state = jax.device_put((params, opt_state), replicated)
     batch = tuple(jax.device_put(a, split) for a in batch)
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch).compile()
+  # As the train step traces: the mesh and the batch's logical axis in context, so attention runs per device.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n_dev]), ("data",))
+
+  @contextlib.contextmanager
+  def in_mesh():
+    with jax.set_mesh(mesh), nn.logical_axis_rules((("batch", "data"),)):
+      yield
+
+  with in_mesh():
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch).compile()
   compile_s = time.perf_counter() - t0
   import t2i.models.unet as unet_lib
   from t2i.nn.attention import reference_attention
@@ -191,7 +201,8 @@ def main(argv):
       torch_t.append(_timed(torch_step))
 
   # Forward-only timings (where does the time go?).
-  fwd(state["p"], *batch[:3]).block_until_ready()
+  with in_mesh():
+    fwd(state["p"], *batch[:3]).block_until_ready()
   ours_fwd = statistics.median(_timed(lambda: fwd(state["p"], *batch[:3]).block_until_ready())
                                for _ in range(3))
   torch_fwd = None

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,7 +48,7 @@ class Sampler:
 
   def __init__(self, workdir: str, use_ema: bool = True, step: int | None = None):
     self.config = config = load_config(workdir)
-    rules = tuple(tuple(r) for r in config.axis_rules)
+    self.rules = rules = tuple(tuple(r) for r in config.axis_rules)
     self.mesh = mesh = parallel.make_mesh(config.mesh)
     family = family_lib.get(config)
     self.tokenize = family.load_tokenizer(config, workdir)
@@ -86,7 +87,8 @@ class Sampler:
     uncond = models_lib.unconditional_ids(self.tokenize, prompts, negative_prompt)
     seeds = np.asarray(seeds, np.uint32)
     g = float(guidance_scale) if self.objective.static_guidance else jnp.float32(guidance_scale)
-    out = self._fn(num_steps, sampler)(self.params, self.frozen, ids, uncond, seeds, g)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.flax_rules(self.rules)):  # as the train step
+      out = self._fn(num_steps, sampler)(self.params, self.frozen, ids, uncond, seeds, g)
     return np.asarray(parallel.global_to_host(out))
 
 

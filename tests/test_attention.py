@@ -1,4 +1,6 @@
 """Attention with a hand-written backward vs. plain differentiated einsum attention."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,3 +111,47 @@ def test_bf16_smoke():
   _, grads = fn(qb, kb, vb)
   for gr in grads:
     assert gr.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(gr.astype(jnp.float32))))
+
+
+def _per_head_case(monkeypatch, lk=48):
+  # Unmasked rows of >= PER_HEAD_MIN_KEYS keys take the per-head path; 48 * 12 elements -> 12 rows per block.
+  monkeypatch.setattr(attention, "PER_HEAD_MIN_KEYS", 32)
+  monkeypatch.setattr(attention, "HEAD_BLOCK_ELEMENTS", 48 * 12)
+  calls = []  # one entry per trace through the per-head path
+  per_head = attention._per_head_attention
+  monkeypatch.setattr(attention, "_per_head_attention", lambda *a: calls.append(1) or per_head(*a))
+  q, k, v, g = _qkv(b=4, lq=36, lk=lk, h=2)
+  loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v) * g))
+  with jax.default_matmul_precision("highest"):
+    want = reference_attention(q, k, v)
+    want_grads = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
+  return (q, k, v), loss, want, want_grads, calls
+
+
+@pytest.mark.parametrize("mesh_shape,rules", [((1, 1, 1), "t2i"), ((2, 2, 2), "t2i"), ((2, 2, 2), "none")])
+def test_per_head_path_under_a_mesh_stays_on_each_devices_shard(mesh_shape, rules, monkeypatch):
+  # Mesh data=2, fsdp=2, tensor=2: batch over (data, fsdp), heads over tensor. With the rules in context the
+  # per-head loop runs inside shard_map on each device's 1 example x 1 head, so the step gathers nothing; without
+  # rules the row-block path runs (also gather-free). On one device: the whole per-head path, 3 row blocks per
+  # head. All equal the reference to 1e-5.
+  import flax.linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from experiments.common import AXIS_RULES
+  from t2i.parallel import flax_rules
+  args, loss, want, want_grads, calls = _per_head_case(monkeypatch)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:math.prod(mesh_shape)]).reshape(mesh_shape),
+                           ("data", "fsdp", "tensor"))
+  sharding = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  args = jax.device_put(args, sharding)
+  step = jax.jit(jax.value_and_grad(loss(dot_product_attention), argnums=(0, 1, 2)))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules(AXIS_RULES) if rules == "t2i" else ()):
+    with jax.default_matmul_precision("highest"):
+      hlo = step.lower(*args).compile().as_text()
+      _, grads = step(*args)
+      out = jax.jit(dot_product_attention)(*args)
+  assert bool(calls) == (rules == "t2i")
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  assert _rel(out, want) <= 1e-5
+  for name, a, b in zip("qkv", grads, want_grads):
+    assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
+    assert a.sharding.is_equivalent_to(sharding, 4), name

@@ -11,7 +11,7 @@ Run (after the SFT run):
       --config.init_from.workdir=workdirs/flux_sft
 Expected: the MMDiT rows of the preference table in docs/results.md; `:spin` runs with the opponent anchor
 (round 1: 0.132 vs continued SFT 0.122, 2 seeds x 1,020 prompts; `--config.preference.opponent_anchor=0` for plain
-SPIN, 0.074).
+SPIN, 0.074). From the SFT of `flux_shapes_pretrain.py:long` every arm ties (0.163-0.166, 3 seeds).
 Variants: `:dpo` (default), `:spin`, `:sft`, `:smoke` (tests).
 """
 from __future__ import annotations

@@ -6,8 +6,8 @@ Run (after experiments/flux_shapes_pretrain.py; about 3 minutes on 2 CPU cores):
       --config.init_from.workdir=workdirs/flux_pretrain
 Expected: the SFT rows of the Krea tables in docs/results.md (measured: overall 0.150 -> 0.150 on 120 prompts,
 0.153 -> 0.120 on 300 others; the goal, higher accuracy than pre-training, is not reached; `:filtered` 0.133 /
-0.103, lr 3e-5 0.200 / 0.127). From `flux_shapes_pretrain.py:long`: 0.148 -> 0.159 over 1,020 prompts (mean of 3
-training seeds, 0.150-0.168 each; about one standard error).
+0.103, lr 3e-5 0.200 / 0.127). From `flux_shapes_pretrain.py:long`: 0.139 -> 0.156 over 1,620 prompts (mean of 3
+training seeds, 0.147-0.163 each; paired difference +0.017 +- 0.006).
 Variants: `:filtered` (the whole pre-training split curated by a quality filter, palette fidelity >= 0.9, instead
 of the curated split);
 `:smoke` (tests).

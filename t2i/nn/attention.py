@@ -11,10 +11,10 @@ scores ever exist (see BLOCK_ELEMENTS). `reference_attention` is the plain diffe
 Unmasked attention over long key rows (self-attention in the U-Net, MMDiT and VAE) instead runs one head at a time
 (`_per_head_attention`), HEAD_BLOCK_ELEMENTS of scores per block: per head its matmuls are [rows x d] @ [d x keys]
 rather than a batch of b * h tiny ones. [8, 1024, 8, 8] fwd+bwd on one core: 444 -> 235 ms (PyTorch's
-`scaled_dot_product_attention`, one thread: 162-168 ms). A loop over heads
-would make XLA gather a sharded batch or head axis, so under a mesh (`jax.set_mesh`, logical axis rules "batch"
-and "heads" in context, as the train step traces) it runs inside `jax.shard_map` on each device's own heads;
-without a mesh it runs only when the process has a single device.
+`scaled_dot_product_attention`, one thread: 162-168 ms). A loop over heads would make XLA gather a sharded batch
+or head axis, so under a mesh (`jax.set_mesh`, logical axis rules "batch" and "heads" in context, as the train
+step traces) it runs inside `jax.shard_map` on each device's own heads; without a mesh it runs only when the
+process has a single device.
 """
 from __future__ import annotations
 
@@ -160,7 +160,8 @@ _attention_bhld.defvjp(_attention_fwd, _attention_bwd)
 
 
 # Scores per block of the per-head path (one head, a block of query rows, all keys): [128, 1024] at 1,024 keys.
-# [8, 1024, 8, 8] fwd+bwd on one core: 2^17 -> 304 ms, 2^18 -> 335 ms, one head at a time with all rows -> 529 ms.
+# [8, 1024, 8, 8] fwd+bwd on one core (measured before the backward took transposed scores): 2^17 -> 304 ms,
+# 2^18 -> 335 ms, one head at a time with all rows -> 529 ms.
 HEAD_BLOCK_ELEMENTS = 2 ** 17
 # Keys from which unmasked attention takes the per-head path (shorter rows fit the row-block path's few blocks).
 PER_HEAD_MIN_KEYS = 256

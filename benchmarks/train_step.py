@@ -15,7 +15,6 @@ on CPUs with AMX PyTorch's oneDNN uses it and XLA:CPU (jaxlib wheels) does not.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -98,8 +97,8 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   import optax
-  import flax.linen as nn
 
+  from t2i import parallel
   from t2i.convert.unet import abstract_params
   from t2i.models.unet import UNet2DConditionModel
 
@@ -138,12 +137,7 @@ def main(argv):
   t0 = time.perf_counter()
   # As the train step traces: the mesh and the batch's logical axis in context, so attention runs per device.
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n_dev]), ("data",))
-
-  @contextlib.contextmanager
-  def in_mesh():
-    with jax.set_mesh(mesh), nn.logical_axis_rules((("batch", "data"),)):
-      yield
-
+  in_mesh = lambda: parallel.tracing_context(mesh, (("batch", "data"),))
   with in_mesh():
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, *batch).compile()
   compile_s = time.perf_counter() - t0

@@ -16,7 +16,6 @@ import json
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -87,7 +86,7 @@ class Sampler:
     uncond = models_lib.unconditional_ids(self.tokenize, prompts, negative_prompt)
     seeds = np.asarray(seeds, np.uint32)
     g = float(guidance_scale) if self.objective.static_guidance else jnp.float32(guidance_scale)
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.flax_rules(self.rules)):  # as the train step
+    with parallel.tracing_context(self.mesh, self.rules):  # as the train step
       out = self._fn(num_steps, sampler)(self.params, self.frozen, ids, uncond, seeds, g)
     return np.asarray(parallel.global_to_host(out))
 

@@ -6,6 +6,7 @@ dimension already uses) is dropped, so odd sizes are replicated on that axis ins
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -37,6 +38,22 @@ def rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
 def flax_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
   """The rules table in the form `nn.logical_axis_rules` expects (tuples kept, lists made tuples)."""
   return tuple((n, tuple(a) if isinstance(a, (list, tuple)) else a) for n, a in rules)
+
+
+@contextlib.contextmanager
+def tracing_context(mesh: Mesh, rules: Rules):
+  """The mesh and logical axis rules in context, as every jitted function of a run is traced (the train step,
+  sampling, held-out loss), so that `t2i.nn.attention` can run per device inside `jax.shard_map`."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules(rules)):
+    yield
+
+
+def traced_in(fn: Callable[..., Any], mesh: Mesh, rules: Rules) -> Callable[..., Any]:
+  """`fn` (a jitted function) called, and so traced, inside `tracing_context(mesh, rules)`."""
+  def call(*args, **kwargs):
+    with tracing_context(mesh, rules):
+      return fn(*args, **kwargs)
+  return call
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], rules: Rules,

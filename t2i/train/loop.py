@@ -209,7 +209,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   if eval_every:
     eval_batches = make_eval_batches(config, family, tokenize, mesh, b_structs, cache_dir if use_cache else None)
     eval_rng = jax.random.PRNGKey(int(config.eval.get("seed", 0)))  # same t, noise and dropout at every eval
-    eval_fn = jax.jit(lambda p, f, b: objective.loss(p, f, b, eval_rng, models)[0])
+    eval_fn = parallel.traced_in(jax.jit(lambda p, f, b: objective.loss(p, f, b, eval_rng, models)[0]), mesh, rules)
 
     def eval_loss() -> dict[str, float]:
       out = {"eval_loss": float(np.mean([eval_fn(state.params, frozen, b) for b in eval_batches]))}
@@ -221,8 +221,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   writer = log_lib.SummaryWriter(os.path.join(workdir, "tb")) if is_main else None
   metrics_file = log_lib.MetricsFile(os.path.join(workdir, "metrics.jsonl")) if is_main else None
   sample_every = int(config.get("sample_every", 0))
-  sampler = make_sampler(config, models, objective) if objective.sample is not None else None
-  recon = jax.jit(lambda p, f, x: objective.reconstruct(p, f, x, models)) if objective.reconstruct else None
+  sampler = recon = None
+  if objective.sample is not None:
+    sampler = parallel.traced_in(make_sampler(config, models, objective), mesh, rules)
+  if objective.reconstruct:
+    recon = parallel.traced_in(jax.jit(lambda p, f, x: objective.reconstruct(p, f, x, models)), mesh, rules)
   prompts = list(config.sample.prompts) if config.get("sample") is not None else []
 
   def write_samples(step: int, batch: dict[str, jax.Array]) -> None:

@@ -143,7 +143,7 @@ def compile_step(update: Callable, mesh: Mesh, rules: Any, state_structs: TrainS
   repl = NamedSharding(mesh, P())
   jitted = jax.jit(update, in_shardings=(state_shards, f_shards, b_shards), out_shardings=(state_shards, repl),
                    donate_argnums=0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.flax_rules(rules)):
+  with parallel.tracing_context(mesh, rules):
     return jitted.lower(state_structs, f_structs, b_structs).compile()
 
 

@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
   import diffusers.models.transformers.transformer_flux as torch_flux
 
   import t2i.models.mmdit as mmdit
+  from t2i import parallel
   from t2i.convert.flux import load_diffusers_flux
   from t2i.models.mmdit import image_ids, text_ids
   from t2i.nn.attention import reference_attention
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     state = {"p": params, "o": tx.init(params), "r": jax.random.PRNGKey(args.seed + 1)}
     if n_dev > 1:
       state = jax.device_put(state, replicated)
+      # Traced as the train step is: under the mesh with the batch's logical axis, so attention runs per device.
+      step_jit = parallel.traced_in(step_jit, replicated.mesh, (("batch", "data"),))
 
     def run() -> float:
       state["p"], state["o"], state["r"], loss = step_jit(state["p"], state["o"], state["r"], *batch)

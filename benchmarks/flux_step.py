@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `t2i` importable from the repo root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.train_step import (_timed, data_parallel_shardings, matmul_peak,  # noqa: E402
+from benchmarks.train_step import (DATA_PARALLEL_RULES, _timed, data_parallel_shardings, matmul_peak,  # noqa: E402
                                    request_cpu_devices)
 
 
@@ -306,8 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     state = {"p": params, "o": tx.init(params), "r": jax.random.PRNGKey(args.seed + 1)}
     if n_dev > 1:
       state = jax.device_put(state, replicated)
-      # Traced as the train step is: under the mesh with the batch's logical axis, so attention runs per device.
-      step_jit = parallel.traced_in(step_jit, replicated.mesh, (("batch", "data"),))
+      step_jit = parallel.traced_in(step_jit, replicated.mesh, DATA_PARALLEL_RULES)  # traced as the train step
 
     def run() -> float:
       state["p"], state["o"], state["r"], loss = step_jit(state["p"], state["o"], state["r"], *batch)

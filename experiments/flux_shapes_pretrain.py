@@ -12,7 +12,7 @@ Run (about 10 minutes on 2 CPU cores):
   python -m t2i.sample --workdir=workdirs/flux_pretrain --prompts_file=P --negative_prompt="blurry, noisy" --out=O
   python -m t2i.evaluate --samples=O
 Expected: the pre-training row of the Krea table in docs/results.md.
-Variants: `:long` (8,000 steps, 72 min on one CPU core: overall 0.148 over 1,020 prompts, and SFT from it 0.159,
+Variants: `:long` (8,000 steps, 72 min on one CPU core: overall 0.139 over 1,620 prompts, and SFT from it 0.156,
 mean of 3 seeds); `:smoke` (few steps, tests).
 """
 from __future__ import annotations

@@ -233,13 +233,10 @@ def _per_head_bhld(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return _per_head_attention(flat(q), flat(k), flat(v)).reshape(q.shape[:3] + (v.shape[-1],))
 
 
-def _local_spec(shape: tuple[int, ...]) -> jax.sharding.PartitionSpec | None:
-  """The [batch, heads, length, head_dim] PartitionSpec under the context mesh and logical axis rules, or None
-  when there is no mesh, nothing maps to it, or a sharded axis does not divide evenly (callers then keep the
-  row-block path, which never loops over a sharded axis)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return None
+def _local_spec(mesh: jax.sharding.AbstractMesh, shape: tuple[int, ...]) -> jax.sharding.PartitionSpec | None:
+  """The [batch, heads, length, head_dim] PartitionSpec under `mesh` and the logical axis rules in context, or None
+  when nothing maps to it or a sharded axis does not divide evenly (callers then keep the row-block path, which
+  never loops over a sharded axis)."""
   spec = nn.logical_to_mesh_axes(("batch", "heads", None, None))
   if spec is None or all(s is None for s in spec):
     return None
@@ -253,10 +250,11 @@ def _local_spec(shape: tuple[int, ...]) -> jax.sharding.PartitionSpec | None:
 def _unmasked_long(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | None:
   """The per-head path on [b, h, L, D], on each device's shard under a mesh; None when it does not apply: under a
   mesh without rules for it, or with no mesh in context and several devices (the inputs may then be sharded)."""
-  if jax.sharding.get_abstract_mesh().empty:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return _per_head_bhld(q, k, v) if jax.device_count() == 1 else None
-  spec = _local_spec(q.shape)
-  if spec is None or _local_spec(k.shape) != spec:
+  spec = _local_spec(mesh, q.shape)  # k and v share q's batch and heads
+  if spec is None:
     return None
   return jax.shard_map(_per_head_bhld, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 

@@ -10,11 +10,14 @@ scores ever exist (see BLOCK_ELEMENTS). `reference_attention` is the plain diffe
 
 Unmasked attention over long key rows (self-attention in the U-Net, MMDiT and VAE) instead runs one head at a time
 (`_per_head_attention`), HEAD_BLOCK_ELEMENTS of scores per block: per head its matmuls are [rows x d] @ [d x keys]
-rather than a batch of b * h tiny ones. [8, 1024, 8, 8] fwd+bwd on one core: 444 -> 235 ms (PyTorch's
-`scaled_dot_product_attention`, one thread: 162-168 ms). A loop over heads would make XLA gather a sharded batch
-or head axis, so under a mesh (`jax.set_mesh`, logical axis rules "batch" and "heads" in context, as the train
-step traces) it runs inside `jax.shard_map` on each device's own heads; without a mesh it runs only when the
-process has a single device.
+rather than a batch of b * h tiny ones. Its backward keeps every product's large operand untransposed: XLA:CPU runs
+a product whose big operand is transposed outside YNNPACK, several times slower, and folds explicit transposes into
+the product, so dQ is computed as (Kᵀ dS)ᵀ with `optimization_barrier` holding the transposes in place.
+[8, 1024, 8, 8] fwd+bwd on one core, Intel (session 12): 444 -> 235 ms (PyTorch's `scaled_dot_product_attention`,
+one thread: 162-168 ms); AMD EPYC (session 13): 156 -> 100 ms with the dQ barrier (PyTorch 390 ms).
+A loop over heads would make XLA gather a sharded batch or head axis, so under a mesh (`jax.set_mesh`, logical
+axis rules "batch" and "heads" in context, as the train step traces) it runs inside `jax.shard_map` on each
+device's own heads; without a mesh it runs only when the process has a single device.
 """
 from __future__ import annotations
 
@@ -204,17 +207,19 @@ def _per_head_bwd(res, d_out):
   def head(x):
     qh, kh, vh, doh, mh, inv_lh, deltah = x
     blocks = lambda a: a.reshape((lq // rows, rows) + a.shape[1:])
+    kh_t = jax.lax.optimization_barrier(kh.T)  # [d, keys], once per head
 
     def block(carry, xb):
-      # Scores transposed, [keys, rows], and the small operands transposed explicitly: every product then runs
-      # on untransposed operands, which XLA:CPU does much faster ([8, 1024, 8, 8] fwd+bwd 324 -> 235 ms).
+      # Scores transposed, [keys, rows], so that dV and dK take them untransposed ([8, 1024, 8, 8] fwd+bwd 324 ->
+      # 235 ms, Intel), and dQ = (Kᵀ dS)ᵀ behind barriers, or XLA folds it back into dSᵀ K (156 -> 100 ms, AMD).
       qb, dob, mb, inv_lb, deltab = xb
       p = jnp.exp(jnp.einsum("kd,dq->kq", kh, qb.T, preferred_element_type=jnp.float32) - mb.T) * inv_lb.T
       dv = jnp.einsum("kq,qd->kd", p.astype(v.dtype), dob, preferred_element_type=jnp.float32)
       dp = jnp.einsum("kd,dq->kq", vh, dob.T, preferred_element_type=jnp.float32)
       ds = (p * (dp - deltab.T)).astype(q.dtype)
       dk = jnp.einsum("kq,qd->kd", ds, qb, preferred_element_type=jnp.float32)
-      dq = jnp.einsum("dk,kq->qd", kh.T, ds, preferred_element_type=jnp.float32)
+      dq = jax.lax.optimization_barrier(
+          jnp.einsum("dk,kq->dq", kh_t, ds, preferred_element_type=jnp.float32)).T
       return (carry[0] + dk, carry[1] + dv), dq.astype(q.dtype)
 
     zeros = jnp.zeros(kh.shape, jnp.float32)

@@ -5,8 +5,10 @@ workdir and step count), printed as one JSON line per (workdir, setting) and app
       [--guidance=G] [--steps=K] [--sampler=ddpm] [--step=N] [--out=scores.jsonl]
 
 Settings: "plain" (CFG against the empty prompt), "neg" (CFG against --negative_prompt, default "blurry, noisy"),
-"g=<x>" (guidance x; for a guidance-embedded model the embedded value). Each sample image i uses seed --seed + i,
-so settings and workdirs are compared on the same noise. Scores: per-family accuracy, overall, mean sharpness.
+"g=<x>" (guidance x; for a guidance-embedded model the embedded value), and for diffusion runs "thr=<q>" (dynamic
+thresholding of x0 at quantile q) and "clip=<r>" (x0 clipped to [-r, r]); parts join with "+", e.g.
+"neg+clip=1". Each sample image i uses seed --seed + i, so settings and workdirs are compared on the same noise.
+Scores: per-family accuracy, overall, mean sharpness.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from absl import app, flags  # noqa: E402
 from benchmarks.eval_common import emit, eval_prompt_texts, sample_and_score  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs to score.")
-_SETTINGS = flags.DEFINE_list("settings", ["plain"], "plain, neg, g=<guidance>.")
+_SETTINGS = flags.DEFINE_list("settings", ["plain"], "plain, neg, g=<guidance>, thr=<q>, clip=<r>; join with '+'.")
 _NEG = flags.DEFINE_string("negative_prompt", "blurry, noisy", "Negative prompt of the 'neg' setting.")
 _NUM = flags.DEFINE_integer("num_per_family", 20, "Eval prompts per family (6 families).")
 _SEED = flags.DEFINE_integer("seed", 1234, "Prompt set seed and base sample seed.")
@@ -46,17 +48,23 @@ def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, se
   rows = []
   for setting in settings:
     g = float(cfg.guidance_scale if guidance is None else guidance)
-    neg = ""
-    if setting == "neg":
-      neg = negative_prompt
-    elif setting.startswith("g="):
-      g = float(setting[2:])
-    elif setting != "plain":
-      raise ValueError(f"--settings: unknown setting {setting!r} (plain, neg, g=<x>)")
+    neg, options = "", {}
+    for part in setting.split("+"):
+      if part == "neg":
+        neg = negative_prompt
+      elif part.startswith("g="):
+        g = float(part[2:])
+      elif part.startswith("thr="):
+        options["dynamic_threshold"] = float(part[4:])
+      elif part.startswith("clip="):
+        options["clip_sample_range"] = float(part[5:])
+      elif part != "plain":
+        raise ValueError(f"--settings: unknown setting {part!r} in {setting!r} (plain, neg, g=<x>, thr=<quantile>, "
+                         "clip=<range>, joined by '+')")
     summary = sample_and_score(s, prompts, seed, batch, negative_prompt=neg, num_steps=n_steps, guidance_scale=g,
-                               sampler=name)
+                               sampler=name, **options)
     rows.append({"workdir": workdir, "step": s.step, "setting": setting, "guidance": g, "negative_prompt": neg,
-                 "sampler": name, "steps": n_steps,
+                 "sampler": name, "steps": n_steps, **options,
                  **summary})
   return rows
 

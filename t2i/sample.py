@@ -1,14 +1,17 @@
 """Sample images from a trained workdir (restores the latest checkpoint; EMA weights unless --noema).
 
   python -m t2i.sample --workdir=DIR (--prompt=TEXT | --prompts_file=F) [--negative_prompt=TEXT] [--num=N]
-      [--seed=S] [--steps=K] [--guidance=G] [--sampler=ddim] [--batch=B] --out=OUT
+      [--seed=S] [--steps=K] [--guidance=G] [--sampler=ddim] [--dynamic_threshold=P | --clip_sample_range=R]
+      [--batch=B] --out=OUT
 
 Writes OUT/00000.png, ... and OUT/index.jsonl ({"file", "prompt", "seed"} per line). The workdir's config.json
 and tokenizer/ are all it needs. Image i starts from the noise of seed S + i and, with the ancestral sampler
 (--sampler=ddpm), draws its step noise from that seed too: reproducible image by image, whatever --batch is.
-Diffusion samplers: ddim (deterministic), ddpm (ancestral; wants more steps), euler, dpmpp_2m. Any model family (`t2i.train.family`) with a sampler
-works: for a token model (config.family="tokens", objective "cm3") seed S + i keys image i's token sampling,
---steps is ignored and --sampler is top_p / greedy / cd_k.
+Diffusion samplers: ddim (deterministic), ddpm (ancestral; wants more steps), euler, dpmpp_2m; for pixel-space
+models each step's x0 estimate can be clipped (--clip_sample_range=1) or dynamically thresholded
+(--dynamic_threshold=0.995). Any model family (`t2i.train.family`) with a sampler works: for a token model
+(config.family="tokens", objective "cm3") seed S + i keys image i's token sampling, --steps is ignored and
+--sampler is top_p / greedy / cd_k.
 """
 from __future__ import annotations
 
@@ -67,27 +70,34 @@ class Sampler:
     self.params, self.frozen, self.step = restored
     self._fns: dict[tuple, Any] = {}
 
-  def _fn(self, num_steps: int, sampler: str):
-    key = (num_steps, sampler)
+  def _fn(self, num_steps: int, sampler: str, options: dict):
+    key = (num_steps, sampler, tuple(sorted(options.items())))
     if key not in self._fns:
       obj, models = self.objective, self.models
 
       def fn(p, f, ids, u, seeds, g):
         # rng: one key per image, so a stochastic sampler's step noise (ddpm) also follows the image's seed
         return obj.sample(p, f, ids, u, jax.vmap(jax.random.PRNGKey)(seeds), models, num_steps=num_steps,
-                          guidance_scale=g, sampler=sampler, x_T=models.noise(seeds))
+                          guidance_scale=g, sampler=sampler, x_T=models.noise(seeds), **options)
       self._fns[key] = jax.jit(fn, static_argnums=(5,) if obj.static_guidance else ())
     return self._fns[key]
 
   def __call__(self, prompts: list[str], seeds: list[int], negative_prompt: str = "", num_steps: int = 25,
-               guidance_scale: float = 4.0, sampler: str = "ddim") -> np.ndarray:
-    """Images in [-1, 1], [n, H, W, 3]; image i starts from the noise of `PRNGKey(seeds[i])`."""
+               guidance_scale: float = 4.0, sampler: str = "ddim", **options) -> np.ndarray:
+    """Images in [-1, 1], [n, H, W, 3]; image i starts from the noise of `PRNGKey(seeds[i])`.
+
+    `options`: further keyword arguments of the objective's sampler (diffusion: clip_sample_range,
+    dynamic_threshold)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if options and self.objective.sample is not objectives.diffusion_sample:
+      raise ValueError(f"sampling options {sorted(options)} apply to diffusion samplers only, "
+                       f"not to config.objective={self.config.objective!r}")
     ids = self.tokenize(prompts)
     uncond = models_lib.unconditional_ids(self.tokenize, prompts, negative_prompt)
     seeds = np.asarray(seeds, np.uint32)
     g = float(guidance_scale) if self.objective.static_guidance else jnp.float32(guidance_scale)
     with parallel.tracing_context(self.mesh, self.rules):  # as the train step
-      out = self._fn(num_steps, sampler)(self.params, self.frozen, ids, uncond, seeds, g)
+      out = self._fn(num_steps, sampler, options)(self.params, self.frozen, ids, uncond, seeds, g)
     return np.asarray(parallel.global_to_host(out))
 
 
@@ -126,6 +136,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sample.num_steps).")
   flags.DEFINE_float("guidance", None, "CFG scale (default: config.sample.guidance_scale).")
   flags.DEFINE_string("sampler", None, "Sampler name (default: config.sample.sampler).")
+  flags.DEFINE_float("clip_sample_range", None, "Diffusion: clip each step's x0 estimate to [-r, r] (0 = off; "
+                     "default: config.sample.clip_sample_range). For pixel-space models.")
+  flags.DEFINE_float("dynamic_threshold", None, "Diffusion: dynamic thresholding of x0 at this quantile, e.g. "
+                     "0.995 (0 = off; default: config.sample.dynamic_threshold). For pixel-space models.")
   flags.DEFINE_integer("batch", 8, "Images per compiled sampling call.")
   flags.DEFINE_bool("noema", False, "Use the raw trained params instead of the EMA.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -152,7 +166,8 @@ def main(argv: list[str]) -> None:
       s, prompts, FLAGS.num, FLAGS.seed, FLAGS.batch, FLAGS.out, negative_prompt=FLAGS.negative_prompt,
       num_steps=FLAGS.steps or int(cfg.num_steps),
       guidance_scale=FLAGS.guidance if FLAGS.guidance is not None else float(cfg.guidance_scale),
-      sampler=FLAGS.sampler or cfg.get("sampler", "ddim"))
+      sampler=FLAGS.sampler or cfg.get("sampler", "ddim"), clip_sample_range=FLAGS.clip_sample_range,
+      dynamic_threshold=FLAGS.dynamic_threshold)
   logging.info("wrote %d images from step %d to %s", len(rows), s.step, FLAGS.out)
 
 

@@ -73,6 +73,12 @@ def test_sample_cli_writes_images_and_index(workdir, tmp_path):
     outs.append(_images(tmp_path / name))
   np.testing.assert_array_equal(outs[1][0], outs[0][3])
   assert not np.array_equal(outs[0][3], imgs[3])  # not the deterministic DDIM image
+  # x0 processing reaches the sampler: clipping every x0 estimate to [-0.05, 0.05] pulls the image's pixels in.
+  rc, err = _run(["t2i.sample", f"--workdir={wd}", "--prompt=a blue square", "--num=1", "--seed=13", "--steps=3",
+                  "--guidance=2.0", "--batch=1", "--clip_sample_range=0.05", f"--out={tmp_path / 'out6'}"], cache)
+  assert rc == 0, err[-3000:]
+  clipped = _images(tmp_path / "out6")[0].astype(int)
+  assert clipped.std() < 0.9 * imgs[3].astype(int).std()
 
 
 def test_sample_cli_errors(tmp_path):

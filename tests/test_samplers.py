@@ -31,14 +31,14 @@ def f_jax(x, t, cond):
   return 0.6 * jnp.tanh(0.9 * x + tt / 1000.0 + bias) + 0.25 * jnp.cos(tt / 150.0) * x
 
 
-def diffusers_scheduler(sampler, prediction_type, spacing, rescale=False):
+def diffusers_scheduler(sampler, prediction_type, spacing, rescale=False, **x0_kw):
   kw = dict(SD, prediction_type=prediction_type, timestep_spacing=spacing, rescale_betas_zero_snr=rescale)
   if sampler == "ddim":
-    return DDIMScheduler(**kw, set_alpha_to_one=False, clip_sample=False)
+    return DDIMScheduler(**kw, set_alpha_to_one=False, **{"clip_sample": False, **x0_kw})
   if sampler == "euler":
     return EulerDiscreteScheduler(**kw)
   return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-                                     lower_order_final=True)
+                                     lower_order_final=True, **x0_kw)
 
 
 def diffusers_loop(scheduler, num_steps, noise, model=f_torch, step_noises=None, eta=0.0):
@@ -128,6 +128,41 @@ def test_ddpm_is_ancestral_ddim_with_per_image_noise():
   assert np.linalg.norm(np.asarray(out) - det) > 1e-2 * np.linalg.norm(det)  # it really adds noise
   with pytest.raises(ValueError, match="per-image keys"):
     S.sample(f_jax, SHAPE, None, None, keys[:1], schedule(), sampler="ddpm", num_steps=n)
+
+
+X0_CASES = [("ddim", dict(clip_sample=True, clip_sample_range=1.5), dict(clip_sample_range=1.5)),
+            ("ddim", dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0),
+             dict(dynamic_threshold=0.9, sample_max_value=2.0)),
+            ("dpmpp_2m", dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=3.0),
+             dict(dynamic_threshold=0.8, sample_max_value=3.0))]
+
+
+@pytest.mark.parametrize("sampler,theirs,ours", X0_CASES)
+def test_x0_clipping_and_dynamic_thresholding_match_diffusers(sampler, theirs, ours):
+  """diffusers' clip_sample / thresholding on the x0 estimate; an epsilon model's early x0 estimates are far
+  outside [-1, 1] here, so the processing changes the trajectory (checked)."""
+  noise = 2.0 * noise_like(4)
+  ref = diffusers_loop(diffusers_scheduler(sampler, "epsilon", "leading", **theirs), 10, noise)
+  kw = dict(sampler=sampler, num_steps=10, guidance_scale=1.0, x_T=jnp.asarray(noise))
+  out = S.sample_jit(f_jax, SHAPE, None, None, jax.random.key(0), schedule(), **kw, **ours)
+  assert_close(out, ref)
+  plain = S.sample_jit(f_jax, SHAPE, None, None, jax.random.key(0), schedule(), **kw)
+  assert np.linalg.norm(np.asarray(out) - np.asarray(plain)) > 1e-2 * np.linalg.norm(np.asarray(plain))
+
+
+def test_process_x0_hand_values():
+  x0 = jnp.asarray([[-3.0, -0.5, 0.25, 2.0], [0.1, -0.2, 0.3, 0.9]]).reshape(2, 1, 2, 2)
+  np.testing.assert_allclose(S.process_x0(x0, clip_sample_range=1.0).reshape(2, 4),
+                             [[-1.0, -0.5, 0.25, 1.0], [0.1, -0.2, 0.3, 0.9]])
+  # image 0: the 0.5-quantile of |x0| = (0.5, 2, 3 sorted as 0.25 0.5 2 3) -> 1.25; image 1 stays below 1 -> s = 1
+  out = S.process_x0(x0, dynamic_threshold=0.5, sample_max_value=10.0).reshape(2, 4)
+  np.testing.assert_allclose(out, [[-1.0, -0.4, 0.2, 1.0], [0.1, -0.2, 0.3, 0.9]], rtol=1e-6)
+  out = S.process_x0(x0, dynamic_threshold=0.5, sample_max_value=1.1).reshape(2, 4)  # s capped at 1.1
+  np.testing.assert_allclose(out[0], np.array([-1.1, -0.5, 0.25, 1.1]) / 1.1, rtol=1e-6)
+  for bad, named in ((dict(clip_sample_range=-1.0), "clip_sample_range"), (dict(dynamic_threshold=1.0),
+                     "dynamic_threshold"), (dict(dynamic_threshold=0.9, sample_max_value=0.5), "sample_max_value")):
+    with pytest.raises(ValueError, match=named):
+      S.sample(f_jax, SHAPE, None, None, jax.random.key(0), schedule(), num_steps=2, **bad)
 
 
 def test_timesteps_match_diffusers():

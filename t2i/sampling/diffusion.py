@@ -22,6 +22,12 @@ Conventions
     (init_key, step_key) = split(rng); init_key draws x_T when it is not given. `rng` may also be a batch of keys
     (one per image, e.g. `vmap(PRNGKey)(seeds)`): then image b uses split(rng[b]) the same way for its own x_T and
     step noise, so its sample does not depend on which other images share the batch.
+  * x0 processing (pixel-space models, e.g. the space-to-depth shapes demo; not for latent models): every step's
+    x0 estimate may be clipped to [-r, r] (`clip_sample_range=r`, diffusers' `clip_sample=True`) or dynamically
+    thresholded (`dynamic_threshold=p`, Imagen; diffusers' `thresholding=True, dynamic_thresholding_ratio=p`):
+    s = clip(p-quantile of |x0| per image, 1, `sample_max_value`), x0 <- clip(x0, -s, s) / s. As in diffusers'
+    DDIM and DPM-Solver++, the step's eps stays the unprocessed model's; Euler (which diffusers does not threshold)
+    takes its derivative from the processed x0.
   * `self_condition=True` (a model trained with `diffusion_loss(..., self_condition=p)`): every step feeds the
     model [x_t, x0 of the previous step] along channels (zeros at the first step); with CFG both branches get the
     previous step's guided x0.
@@ -94,6 +100,29 @@ def _sigmas(alphas_cumprod: jax.Array) -> jax.Array:
   return jnp.sqrt((1.0 - ac) / ac)
 
 
+def process_x0(x0: jax.Array, clip_sample_range: float = 0.0, dynamic_threshold: float = 0.0,
+               sample_max_value: float = 1.0) -> jax.Array:
+  """The x0 estimate clipped to [-clip_sample_range, clip_sample_range] or dynamically thresholded at the
+  `dynamic_threshold` quantile of |x0| per image (0 = off; thresholding wins when both are set)."""
+  if dynamic_threshold:
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)
+    s = jnp.clip(jnp.quantile(flat, dynamic_threshold, axis=1), 1.0, sample_max_value)
+    s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
+  if clip_sample_range:
+    return jnp.clip(x0, -clip_sample_range, clip_sample_range)
+  return x0
+
+
+def _check_x0_args(clip_sample_range: float, dynamic_threshold: float, sample_max_value: float) -> None:
+  if clip_sample_range < 0:
+    raise ValueError(f"clip_sample_range must be >= 0 (0 = off), got {clip_sample_range!r}")
+  if not 0 <= dynamic_threshold < 1:
+    raise ValueError(f"dynamic_threshold must be a quantile in (0, 1) (0 = off), got {dynamic_threshold!r}")
+  if dynamic_threshold and sample_max_value < 1:
+    raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value!r}")
+
+
 def _is_key_batch(rng: jax.Array) -> bool:
   """True for a batch of PRNG keys ([B] typed keys or [B, 2] raw uint32 keys), False for a single key."""
   typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
@@ -136,7 +165,9 @@ def _guided_fn(denoise_fn: DenoiseFn, cond: PyTree, uncond: PyTree | None, guida
 def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: PyTree | None, rng: jax.Array,
            schedule: NoiseSchedule, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: Any = 7.5,
            prediction_type: str = "epsilon", eta: Any = 0.0, timestep_spacing: str = "leading",
-           steps_offset: int = 1, x_T: jax.Array | None = None, self_condition: bool = False) -> jax.Array:
+           steps_offset: int = 1, x_T: jax.Array | None = None, self_condition: bool = False,
+           clip_sample_range: float = 0.0, dynamic_threshold: float = 0.0, sample_max_value: float = 1.0
+           ) -> jax.Array:
   """Generates samples of `shape` (batch first) by integrating the reverse diffusion in one fori_loop.
 
   Traceable inside an outer `jax.jit` when shape, sampler, num_steps, prediction_type, timestep_spacing and
@@ -152,10 +183,14 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
     schedule: training noise schedule.
     x_T: optional unit-variance starting noise of `shape`.
     self_condition: feed the model [x_t, previous x0 estimate] (see the module docstring).
+    clip_sample_range, dynamic_threshold, sample_max_value: x0 processing (`process_x0`; module docstring).
   """
   shape = tuple(int(s) for s in shape)
   big_t = schedule.num_train_timesteps
   _check_args(sampler, num_steps, prediction_type, timestep_spacing, big_t)
+  _check_x0_args(clip_sample_range, dynamic_threshold, sample_max_value)
+  x0_fn = functools.partial(process_x0, clip_sample_range=clip_sample_range, dynamic_threshold=dynamic_threshold,
+                            sample_max_value=sample_max_value)
   per_image = _is_key_batch(rng)  # one key per image: its own x_T and step noise
   if per_image and rng.shape[0] != shape[0]:
     raise ValueError(f"rng: {rng.shape[0]} per-image keys for a batch of {shape[0]}")
@@ -194,6 +229,7 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
       x, x0_prev = carry
       out = model(x, ts[i], x0_prev)
       x0, eps = x0_and_eps(out, x, jnp.sqrt(a_t[i]), jnp.sqrt(1.0 - a_t[i]), prediction_type)
+      x0 = x0_fn(x0)
       x_prev = jnp.sqrt(a_prev[i]) * x0 + jnp.sqrt(1.0 - a_prev[i] - std[i] ** 2) * eps
       if stochastic:
         x_prev = x_prev + std[i] * normal(step_key, i)
@@ -220,6 +256,7 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
         x0 = out * (-s / scale) + x / (s * s + 1.0)
       else:
         x0 = out
+      x0 = x0_fn(x0)
       return x + (x - x0) / s * (s_next - s), x0
     return jax.lax.fori_loop(0, n, body, (x_T * init_sigma, jnp.zeros_like(x_T)))[0]
 
@@ -238,7 +275,7 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
   def body(i, carry):
     x, m_prev = carry  # m_prev: the previous step's x0 estimate (zeros at the first step)
     out = model(x, ts[i], m_prev)
-    m0, _ = x0_and_eps(out, x, alpha[i], sigma_vp[i], prediction_type)
+    m0 = x0_fn(x0_and_eps(out, x, alpha[i], sigma_vp[i], prediction_type)[0])
     x_next = coef_x[i] * x + coef_d0[i] * m0 + coef_d1[i] * (m0 - m_prev)
     return x_next, m0
   x, _ = jax.lax.fori_loop(0, n, body, (x_T, jnp.zeros_like(x_T)))
@@ -246,22 +283,24 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
 
 
 _STATIC = ("shape", "sampler", "num_steps", "prediction_type", "timestep_spacing", "steps_offset", "use_cfg",
-           "use_eta", "self_condition")
+           "use_eta", "self_condition", "clip_sample_range", "dynamic_threshold", "sample_max_value")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _sample_jit(denoise_fn, cond, uncond, rng, schedule, x_T, guidance_scale, eta, *, shape, sampler, num_steps,
-                prediction_type, timestep_spacing, steps_offset, use_cfg, use_eta, self_condition):
+                prediction_type, timestep_spacing, steps_offset, use_cfg, use_eta, self_condition, **x0_kw):
   return sample(denoise_fn, shape, cond, uncond if use_cfg else None, rng, schedule, sampler=sampler,
                 num_steps=num_steps, guidance_scale=guidance_scale if use_cfg else 1.0,
                 prediction_type=prediction_type, eta=eta if use_eta else 0.0, timestep_spacing=timestep_spacing,
-                steps_offset=steps_offset, x_T=x_T, self_condition=self_condition)
+                steps_offset=steps_offset, x_T=x_T, self_condition=self_condition, **x0_kw)
 
 
 def sample_jit(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: PyTree | None, rng: jax.Array,
                schedule: NoiseSchedule, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
                prediction_type: str = "epsilon", eta: float = 0.0, timestep_spacing: str = "leading",
-               steps_offset: int = 1, x_T: jax.Array | None = None, self_condition: bool = False) -> jax.Array:
+               steps_offset: int = 1, x_T: jax.Array | None = None, self_condition: bool = False,
+               clip_sample_range: float = 0.0, dynamic_threshold: float = 0.0, sample_max_value: float = 1.0
+               ) -> jax.Array:
   """`sample` compiled with jax.jit and cached per (denoise_fn, shapes, static options).
 
   guidance_scale and eta are traced (changing them does not recompile), except that guidance_scale == 1 selects
@@ -276,4 +315,6 @@ def sample_jit(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, unco
                      shape=tuple(int(s) for s in shape), sampler=sampler, num_steps=int(num_steps),
                      prediction_type=prediction_type, timestep_spacing=timestep_spacing,
                      steps_offset=int(steps_offset), use_cfg=use_cfg,
-                     use_eta=not _is_zero(eta), self_condition=bool(self_condition))
+                     use_eta=not _is_zero(eta), self_condition=bool(self_condition),
+                     clip_sample_range=float(clip_sample_range), dynamic_threshold=float(dynamic_threshold),
+                     sample_max_value=float(sample_max_value))

@@ -126,8 +126,17 @@ def diffusion_loss(params, frozen, batch, rng, models):
 
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,
-                     guidance_scale: Any, sampler: str = "ddim", x_T: jax.Array | None = None):
+                     guidance_scale: Any, sampler: str = "ddim", x_T: jax.Array | None = None,
+                     clip_sample_range: float | None = None, dynamic_threshold: float | None = None):
+  """x0 processing (`t2i.sampling.diffusion.process_x0`): clip_sample_range / dynamic_threshold, None = the run's
+  config.sample value (default off), with config.sample.sample_max_value."""
   from t2i.sampling import diffusion as sampling
+  scfg = models.config.get("sample") or {}
+  x0_kw = dict(clip_sample_range=float(scfg.get("clip_sample_range", 0.0) if clip_sample_range is None
+                                       else clip_sample_range),
+               dynamic_threshold=float(scfg.get("dynamic_threshold", 0.0) if dynamic_threshold is None
+                                       else dynamic_threshold),
+               sample_max_value=float(scfg.get("sample_max_value", 1.0)))
   p = {**frozen, **params}
   cond = models.cond(p, input_ids)
   uncond = models.cond(p, uncond_ids)
@@ -135,7 +144,7 @@ def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_
   z = sampling.sample(_denoise_fn(p, models), shape, cond, uncond, rng,
                       models.schedule, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                       prediction_type=models.config.diffusion.prediction_type, x_T=x_T,
-                      self_condition=bool(models.self_condition))
+                      self_condition=bool(models.self_condition), **x0_kw)
   return jnp.clip(models.to_image(p, z).astype(jnp.float32), -1.0, 1.0)
 
 

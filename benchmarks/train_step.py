@@ -34,6 +34,8 @@ _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads")
 _TORCH = flags.DEFINE_bool("torch", True, "also time diffusers/PyTorch")
 _REMAT = flags.DEFINE_bool("remat", False, "remat resnet/transformer blocks (ours)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of both models")
+_PAUSE = flags.DEFINE_float("pause", 0.5, "seconds idle before each timed step, so that the other framework's "
+                            "spin-waiting worker threads (OpenMP, Eigen) have gone to sleep")
 _DEVICES = flags.DEFINE_integer("devices", -1, "XLA CPU devices for ours, batch sharded over them (data "
                                 "parallel): -1 = one per available core that divides the batch, as launch.main "
                                 "runs; 1 = a single device (t2i/parallel/host.py)")
@@ -89,7 +91,8 @@ def data_parallel_shardings(n_dev: int) -> tuple:
   return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
 
 
-def _timed(fn) -> float:
+def _timed(fn, pause: float = 0.0) -> float:
+  time.sleep(pause)
   t = time.perf_counter()
   fn()
   return time.perf_counter() - t
@@ -193,9 +196,9 @@ def main(argv):
     torch_step()
   ours_t, torch_t = [], []
   for _ in range(_STEPS.value):
-    ours_t.append(_timed(ours_step))
+    ours_t.append(_timed(ours_step, _PAUSE.value))
     if torch_step:
-      torch_t.append(_timed(torch_step))
+      torch_t.append(_timed(torch_step, _PAUSE.value))
 
   # Forward-only timings (where does the time go?).
   with in_mesh():

@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterator
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `t2i` importable from the repo root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.train_step import (DATA_PARALLEL_RULES, _timed, data_parallel_shardings, matmul_peak,  # noqa: E402
-                                   request_cpu_devices)
+from benchmarks.train_step import (DATA_PARALLEL_RULES, alternating, data_parallel_shardings,  # noqa: E402
+                                   matmul_peak, request_cpu_devices)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   a("--guidance", type=float, default=3.5, help="embedded guidance value (train and sample)")
   a("--steps", type=int, default=10, help="timed train steps per framework")
   a("--warmup", type=int, default=2, help="untimed train steps per framework (after compile)")
+  a("--block", type=int, default=4, help="timed train steps of one framework before the other's (1 = interleaved)")
+  a("--pause", type=float, default=0.5, help="seconds idle before each timed train step")
   a("--sample_steps", type=int, default=20, help="Euler steps per sample")
   a("--sample_rounds", type=int, default=3, help="timed sampling calls per framework")
   a("--threads", type=int, default=2, help="torch intra-op threads")
@@ -108,16 +110,6 @@ def _rel(a: Any, b: Any) -> float:
   import numpy as np
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-  """Times each fn once per round, alternating the order every round; returns seconds per fn."""
-  names = list(fns)
-  times: dict[str, list[float]] = {k: [] for k in names}
-  for r in range(rounds):
-    for k in (names if r % 2 == 0 else names[::-1]):
-      times[k].append(_timed(fns[k]))
-  return times
 
 
 def _ms(ts: list[float]) -> float:
@@ -264,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
   sample_compile = time.perf_counter() - t0
   torch_x = torch_sample()
   results["sample_rel"] = _rel(ours_x, torch_x.numpy())
-  st = interleaved({"ours": ours_sample, "torch": torch_sample}, args.sample_rounds)
+  st = alternating({"ours": ours_sample, "torch": torch_sample}, args.sample_rounds)
   results["ours_ips"] = b / statistics.median(st["ours"])
   results["torch_ips"] = b / statistics.median(st["torch"])
   results["ips_ratio_min"] = min(st["torch"]) / min(st["ours"])
@@ -341,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
   first_torch_loss = torch_step()
   for _ in range(args.warmup):
     ours_step(), torch_step()
-  tt = interleaved({"ours": ours_step, "torch": torch_step}, args.steps)
+  tt = alternating({"ours": ours_step, "torch": torch_step}, args.steps, args.block, args.pause)
   results["ours_ms"], results["torch_ms"] = _ms(tt["ours"]), _ms(tt["torch"])
   results["ratio"] = results["torch_ms"] / results["ours_ms"]
   results["ours_min"], results["torch_min"] = 1e3 * min(tt["ours"]), 1e3 * min(tt["torch"])
@@ -430,7 +422,7 @@ def diagnose(args: argparse.Namespace, results: dict[str, Any], *, module, param
   def torch_fwd() -> None:
     with torch.no_grad():
       torch_forward(tx_, tt_)
-  ft = interleaved({"ours": lambda: fwd(p, x, t, batch[1], g_kw).block_until_ready(), "torch": torch_fwd}, reps)
+  ft = alternating({"ours": lambda: fwd(p, x, t, batch[1], g_kw).block_until_ready(), "torch": torch_fwd}, reps)
   say(f"forward only: ours {_ms(ft['ours']):.1f} ms, torch (no_grad) {_ms(ft['torch']):.1f} ms, "
       f"torch/ours {_ms(ft['torch']) / _ms(ft['ours']):.2f}x")
 
@@ -448,7 +440,7 @@ def diagnose(args: argparse.Namespace, results: dict[str, Any], *, module, param
   def torch_no_attn() -> None:
     with patched(torch_flux, "dispatch_attention_fn", lambda q, k, v, **kw: v):
       torch_step()
-  st = interleaved({"blocked": ours_step, **variants, "torch": torch_step, "torch no attention": torch_no_attn},
+  st = alternating({"blocked": ours_step, **variants, "torch": torch_step, "torch no attention": torch_no_attn},
                    reps)
   m = {k: _ms(v) for k, v in st.items()}
   lo = {k: 1e3 * min(v) for k, v in st.items()}
@@ -480,7 +472,7 @@ def diagnose(args: argparse.Namespace, results: dict[str, Any], *, module, param
   def torch_fb() -> None:
     out = torch_flux.dispatch_attention_fn(tq, tk, tv)
     torch.autograd.grad(out, (tq, tk, tv), tdo)
-  at = interleaved({"blocked": jax_fb(dot_product_attention), "einsum": jax_fb(reference_attention),
+  at = alternating({"blocked": jax_fb(dot_product_attention), "einsum": jax_fb(reference_attention),
                     "torch": torch_fb}, reps)
   say(f"attention fwd+bwd [{b},{n},{h},{d}] x{calls} per step: blocked custom-VJP {calls * _ms(at['blocked']):.1f} "
       f"ms, einsum {calls * _ms(at['einsum']):.1f} ms, torch SDPA {calls * _ms(at['torch']):.1f} ms")

@@ -3,8 +3,11 @@ r"""U-Net train step: t2i (JAX, jit) vs diffusers (PyTorch), same config and bat
   python benchmarks/train_step.py --channels=64,128,256 --size=32 --batch=8 --steps=10 [--devices=1] [--dtype=bfloat16]
 
 Step = forward + backward + AdamW update, loss = MSE(prediction, eps) on a fixed noised batch.
-Steps of the two frameworks are interleaved (ours, torch, ours, ...) so that background load hits
-both alike; medians are reported. Model FLOPs per step come from XLA's cost analysis
+The two frameworks take turns, `--block` timed steps each (default 4; 1 = strictly interleaved), each step after
+`--pause` seconds idle, so that background load hits both alike while each still runs near its steady state:
+on a quiet 2-core machine (session 13) strict interleaving slowed both (ours 1,667-2,451 ms vs 1,410-1,674 in
+blocks of 4, torch 2,234-2,960 vs 2,170-2,393), as switching frameworks costs each its caches and memory.
+Medians are reported. Model FLOPs per step come from XLA's cost analysis
 (`jax.jit(step).lower(...).cost_analysis()["flops"]`) of the same step traced with plain einsum
 attention (`reference_attention`): our blocked attention runs in `lax.map`/`lax.scan` loops, whose
 bodies XLA's cost analysis counts once, and recomputes P in the backward (not model FLOPs).
@@ -36,6 +39,9 @@ _REMAT = flags.DEFINE_bool("remat", False, "remat resnet/transformer blocks (our
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of both models")
 _PAUSE = flags.DEFINE_float("pause", 0.5, "seconds idle before each timed step, so that the other framework's "
                             "spin-waiting worker threads (OpenMP, Eigen) have gone to sleep")
+_BLOCK = flags.DEFINE_integer("block", 4, "timed steps of one framework before switching to the other: 1 = "
+                            "interleaved (background load hits both alike), larger = closer to each framework's "
+                            "steady state in a training run")
 _DEVICES = flags.DEFINE_integer("devices", -1, "XLA CPU devices for ours, batch sharded over them (data "
                                 "parallel): -1 = one per available core that divides the batch, as launch.main "
                                 "runs; 1 = a single device (t2i/parallel/host.py)")
@@ -96,6 +102,17 @@ def _timed(fn, pause: float = 0.0) -> float:
   t = time.perf_counter()
   fn()
   return time.perf_counter() - t
+
+
+def alternating(fns: dict, rounds: int, block: int = 1, pause: float = 0.0) -> dict[str, list[float]]:
+  """Times each fn `rounds` times, `block` calls in a row per fn, the order reversed every turn, `pause` seconds
+  idle before each call; returns seconds per fn."""
+  names = list(fns)
+  times: dict[str, list[float]] = {k: [] for k in names}
+  for turn, start in enumerate(range(0, rounds, block)):
+    for k in (names if turn % 2 == 0 else names[::-1]):
+      times[k] += [_timed(fns[k], pause) for _ in range(min(block, rounds - start))]
+  return times
 
 
 def main(argv):
@@ -194,11 +211,9 @@ def main(argv):
   ours_step()
   if torch_step:
     torch_step()
-  ours_t, torch_t = [], []
-  for _ in range(_STEPS.value):
-    ours_t.append(_timed(ours_step, _PAUSE.value))
-    if torch_step:
-      torch_t.append(_timed(torch_step, _PAUSE.value))
+  times = alternating({"ours": ours_step, **({"torch": torch_step} if torch_step else {})}, _STEPS.value,
+                      _BLOCK.value, _PAUSE.value)
+  ours_t, torch_t = times["ours"], times.get("torch", [])
 
   # Forward-only timings (where does the time go?).
   with in_mesh():

@@ -43,8 +43,9 @@ from typing import Any, Callable, Iterator
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `t2i` importable from the repo root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.train_step import (DATA_PARALLEL_RULES, alternating, data_parallel_shardings,  # noqa: E402
-                                   matmul_peak, request_cpu_devices)
+from benchmarks.timing import alternating  # noqa: E402
+from benchmarks.train_step import (DATA_PARALLEL_RULES, data_parallel_shardings, matmul_peak,  # noqa: E402
+                                   request_cpu_devices)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

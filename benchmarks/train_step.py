@@ -20,9 +20,15 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `t2i` importable from the repo root
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.timing import alternating, timed  # noqa: E402
 
 _CHANNELS = flags.DEFINE_list("channels", ["64", "128", "256"], "block_out_channels")
 _LAYERS = flags.DEFINE_integer("layers_per_block", 2, "layers_per_block")
@@ -65,7 +71,7 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
-  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
+  best = min(timed(lambda: f(a).block_until_ready()) for _ in range(reps))
   return 2 * n ** 3 / best
 
 
@@ -73,7 +79,7 @@ def torch_matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
   import torch
   a = torch.randn(n, n, dtype=getattr(torch, dtype))
   a @ a
-  return 2 * n ** 3 / min(_timed(lambda: a @ a) for _ in range(reps))
+  return 2 * n ** 3 / min(timed(lambda: a @ a) for _ in range(reps))
 
 
 def request_cpu_devices(requested: int, batch: int) -> int:
@@ -95,24 +101,6 @@ def data_parallel_shardings(n_dev: int) -> tuple:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
   return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-
-
-def _timed(fn, pause: float = 0.0) -> float:
-  time.sleep(pause)
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
-
-
-def alternating(fns: dict, rounds: int, block: int = 1, pause: float = 0.0) -> dict[str, list[float]]:
-  """Times each fn `rounds` times, `block` calls in a row per fn, the order reversed every turn, `pause` seconds
-  idle before each call; returns seconds per fn."""
-  names = list(fns)
-  times: dict[str, list[float]] = {k: [] for k in names}
-  for turn, start in enumerate(range(0, rounds, block)):
-    for k in (names if turn % 2 == 0 else names[::-1]):
-      times[k] += [_timed(fns[k], pause) for _ in range(min(block, rounds - start))]
-  return times
 
 
 def main(argv):
@@ -218,13 +206,13 @@ def main(argv):
   # Forward-only timings (where does the time go?).
   with in_mesh():
     fwd(state["p"], *batch[:3]).block_until_ready()
-  ours_fwd = statistics.median(_timed(lambda: fwd(state["p"], *batch[:3]).block_until_ready())
+  ours_fwd = statistics.median(timed(lambda: fwd(state["p"], *batch[:3]).block_until_ready())
                                for _ in range(3))
   torch_fwd = None
   if torch_step:
     with torch.no_grad(), autocast():
       tmodel(tb[0], tb[1], tb[2])
-      torch_fwd = statistics.median(_timed(lambda: tmodel(tb[0], tb[1], tb[2])) for _ in range(3))
+      torch_fwd = statistics.median(timed(lambda: tmodel(tb[0], tb[1], tb[2])) for _ in range(3))
 
   peak = matmul_peak(_DTYPE.value)
   ours_ms = 1e3 * statistics.median(ours_t)

@@ -1,5 +1,5 @@
-"""The benchmarks' timing schedule (`benchmarks.train_step.alternating`)."""
-from benchmarks.train_step import alternating
+"""The benchmarks' timing schedule (`benchmarks.timing.alternating`)."""
+from benchmarks.timing import alternating
 
 
 def test_alternating_takes_turns_in_blocks_and_reverses_the_order():

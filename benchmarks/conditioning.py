@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.eval_common import emit  # noqa: E402
+from benchmarks.eval_common import emit, load_denoiser, x0_estimate  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs (U-Net diffusion or rectified-flow runs).")
 _LEVELS = flags.DEFINE_list("levels", ["0.05", "0.2", "0.4", "0.6", "0.8", "0.95"], "Noise levels in [0, 1].")
@@ -33,37 +33,21 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
   import jax.numpy as jnp
 
   from t2i import parallel
-  from t2i.objectives import diffusion, flow
-  from t2i.sample import Sampler
-  from t2i.train import loop, objectives
+  from t2i.train import loop
 
-  s = Sampler(workdir, step=step)
+  s, p, denoise = load_denoiser(workdir, step)
   m, config = s.models, s.config
-  if config.objective not in ("diffusion", "flow"):
-    raise ValueError(f"{workdir}: config.objective={config.objective!r}; expected 'diffusion' or 'flow'")
-  p = {**s.frozen, **s.params}
   batch = next(loop.make_data_iterator(config, s.tokenize, s.mesh))
   image = jnp.asarray(parallel.global_to_host(batch["image"]))
   ids = jnp.asarray(parallel.global_to_host(batch["input_ids"]))
   x0 = m.to_latents(p, image, jax.random.PRNGKey(0))
   empty = jnp.broadcast_to(jnp.asarray(m.uncond_ids)[None], ids.shape)
   conds = {"true": m.cond(p, ids), "shuffled": m.cond(p, jnp.roll(ids, 1, axis=0)), "empty": m.cond(p, empty)}
-  denoise = objectives._denoise_fn(p, m)
   noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape, x0.dtype)
-  b = x0.shape[0]
 
   @jax.jit
   def x0_error(level, cond):
-    if m.schedule is None:  # rectified flow: v = eps - x0, so x0 = x_t - t v
-      t = jnp.full((b,), level, jnp.float32)
-      x_t = flow.interpolate(x0, noise, t)
-      x0_hat = x_t - level * denoise(x_t, t, objectives._with_guidance(cond, m, 1.0))
-    else:
-      ti = jnp.full((b,), jnp.round(level * (m.schedule.num_train_timesteps - 1)), jnp.int32)
-      x_t = diffusion.add_noise(m.schedule, x0, noise, ti)
-      x_in = diffusion.self_conditioned_input(x_t, jnp.zeros_like(x_t)) if m.self_condition else x_t  # 1st step
-      out = denoise(x_in, ti.astype(jnp.float32), cond)
-      x0_hat = diffusion.x0_from_prediction(m.schedule, x_t, out, ti, config.diffusion.prediction_type)
+    x0_hat = x0_estimate(m, config, denoise, x0, noise, level, cond)
     return jnp.mean((x0_hat.astype(jnp.float32) - x0) ** 2)
 
   return [{"workdir": workdir, "step": s.step, "level": float(level),

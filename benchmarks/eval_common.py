@@ -1,5 +1,7 @@
-"""Pieces shared by the shapes-bench scoring scripts (`benchmarks.shapes_eval`, `benchmarks.cm3_eval`): the eval
-prompt list, sample-then-score into a temporary folder, JSON-line output. No flags, so any script can import it."""
+"""Pieces shared by the shapes-bench scoring scripts (`benchmarks.shapes_eval`, `benchmarks.cm3_eval`,
+`benchmarks.conditioning`, `benchmarks.denoise_scores`): the eval prompt list, sample-then-score into a temporary
+folder, JSON-line output, a workdir's denoiser and its one-step clean estimate. No flags, so any script can import
+it."""
 from __future__ import annotations
 
 import json
@@ -38,3 +40,33 @@ def emit(rows: Sequence[dict], out: str | None) -> None:
     if out:
       with open(out, "a") as f:
         f.write(line + "\n")
+
+
+def x0_estimate(m, config, denoise, x0, noise, level, cond):
+  """The denoiser's clean estimate from x0 noised to `level` (a fraction of the noise range: timestep
+  level * (T - 1) for a DDPM schedule, t = level for rectified flow), its first step if self-conditioned."""
+  import jax.numpy as jnp
+
+  from t2i.objectives import diffusion, flow
+  from t2i.train import objectives
+  b = x0.shape[0]
+  if m.schedule is None:  # rectified flow: v = eps - x0, so x0 = x_t - t v
+    t = jnp.full((b,), level, jnp.float32)
+    x_t = flow.interpolate(x0, noise, t)
+    return x_t - level * denoise(x_t, t, objectives._with_guidance(cond, m, 1.0))
+  ti = jnp.full((b,), jnp.round(level * (m.schedule.num_train_timesteps - 1)), jnp.int32)
+  x_t = diffusion.add_noise(m.schedule, x0, noise, ti)
+  x_in = diffusion.self_conditioned_input(x_t, jnp.zeros_like(x_t)) if m.self_condition else x_t
+  out = denoise(x_in, ti.astype(jnp.float32), cond)
+  return diffusion.x0_from_prediction(m.schedule, x_t, out, ti, config.diffusion.prediction_type)
+
+
+def load_denoiser(workdir: str, step: int | None = None):
+  """(Sampler, merged params, denoise fn) of a U-Net diffusion or rectified-flow workdir."""
+  from t2i.sample import Sampler
+  from t2i.train import objectives
+  s = Sampler(workdir, step=step)
+  if s.config.objective not in ("diffusion", "flow"):
+    raise ValueError(f"{workdir}: config.objective={s.config.objective!r}; expected 'diffusion' or 'flow'")
+  p = {**s.frozen, **s.params}
+  return s, p, objectives._denoise_fn(p, s.models)

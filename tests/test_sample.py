@@ -92,6 +92,31 @@ def test_sample_cli_errors(tmp_path):
   assert proc.returncode != 0 and "exactly one of --prompt or --prompts_file" in proc.stderr
 
 
+def test_denoise_scores_pass_rates_with_an_oracle():
+  # benchmarks.denoise_scores: an estimate that returns the clean renders passes all, a blank canvas none.
+  from benchmarks.denoise_scores import clean_renders, pass_rates
+  images, texts, specs = clean_renders("single", 6, 32, seed=3)
+  assert images.shape == (6, 32, 32, 3) and len(texts) == len(specs) == 6
+  assert all(sp["family"] == "single" for sp in specs)
+  rates = pass_rates(lambda level: images if level < 0.5 else np.zeros_like(images), specs, [0.1, 0.9])
+  assert rates == [1.0, 0.0]
+  with pytest.raises(ValueError, match="family"):
+    clean_renders("nonsense", 1, 32, 0)
+
+
+def test_denoise_scores_benchmark_rows(workdir, tmp_path):
+  wd, cache = workdir
+  out = tmp_path / "dn.jsonl"
+  rc, err = _run(["benchmarks.denoise_scores", f"--workdirs={wd}", "--levels=0.1,0.9", "--num=4", f"--out={out}"],
+                 cache)
+  assert rc == 0, err[-3000:]
+  rows = [json.loads(line) for line in open(out)]
+  assert [r["level"] for r in rows] == [0.1, 0.9] and all(r["step"] == 4 and r["num"] == 4 for r in rows)
+  for r in rows:
+    assert 0.0 <= r["passed"] <= 1.0 and 0.0 <= r["clean_passed"] <= 1.0 and np.isfinite(r["mse"]) and r["mse"] > 0
+  assert rows[0]["mse"] != rows[1]["mse"]
+
+
 def test_conditioning_benchmark_rows(workdir, tmp_path):
   # benchmarks.conditioning: one row per noise level; the wrong captions change the toy model's x0 error.
   wd, cache = workdir

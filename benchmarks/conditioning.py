@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.eval_common import emit, load_denoiser, x0_estimate  # noqa: E402
+from benchmarks.eval_common import check_level_args, emit, load_denoiser, x0_estimate  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs (U-Net diffusion or rectified-flow runs).")
 _LEVELS = flags.DEFINE_list("levels", ["0.05", "0.2", "0.4", "0.6", "0.8", "0.95"], "Noise levels in [0, 1].")
@@ -55,13 +55,7 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIRS.value:
-    raise app.UsageError("--workdirs is required")
-  levels = [float(x) for x in _LEVELS.value]
-  if not all(0.0 <= x <= 1.0 for x in levels):
-    raise app.UsageError(f"--levels must lie in [0, 1], got {_LEVELS.value}")
+  levels = check_level_args(argv, _WORKDIRS.value, _LEVELS.value)
   for wd in _WORKDIRS.value:
     emit(conditioning_errors(wd, levels, _SEED.value, _STEP.value), _OUT.value)
 

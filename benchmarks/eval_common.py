@@ -70,3 +70,16 @@ def load_denoiser(workdir: str, step: int | None = None):
     raise ValueError(f"{workdir}: config.objective={s.config.objective!r}; expected 'diffusion' or 'flow'")
   p = {**s.frozen, **s.params}
   return s, p, objectives._denoise_fn(p, s.models)
+
+
+def check_level_args(argv: Sequence[str], workdirs: Sequence[str] | None, levels: Sequence[str]) -> list[float]:
+  """Validates the command line of a per-noise-level script (`--workdirs`, `--levels` in [0, 1]); the levels."""
+  from absl import app
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not workdirs:
+    raise app.UsageError("--workdirs is required")
+  out = [float(x) for x in levels]
+  if not all(0.0 <= x <= 1.0 for x in out):
+    raise app.UsageError(f"--levels must lie in [0, 1], got {list(levels)}")
+  return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,7 +23,8 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks.eval_common import check_level_args, emit, load_denoiser, x0_estimate  # noqa: E402
+from benchmarks.eval_common import (check_level_args, clean_renders, emit, load_denoiser, pass_rates,  # noqa: E402
+                                    x0_estimate)
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs (U-Net diffusion or rectified-flow runs).")
 _LEVELS = flags.DEFINE_list("levels", ["0.05", "0.2", "0.35", "0.5", "0.65", "0.8"], "Noise levels in [0, 1].")
@@ -32,32 +33,6 @@ _NUM = flags.DEFINE_integer("num", 64, "Images.")
 _SEED = flags.DEFINE_integer("seed", 1000, "Generator seed of the renders (not a training seed) and noise seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file too.")
-
-
-def clean_renders(family: str, num: int, size: int, seed: int) -> tuple[np.ndarray, list[str], list[dict]]:
-  """`num` clean records of one family from the shapes-bench generator: (uint8 images at `size`, captions, specs)."""
-  from data_pipelines.pipeline import resize_crop
-  from data_pipelines.shapes import captions, palette, records
-  from data_pipelines.shapes.rendering import decode_image
-  if family not in palette.FAMILIES:
-    raise ValueError(f"--family={family!r}: expected one of {palette.FAMILIES}")
-  images, texts, specs = [], [], []
-  for i, r in enumerate(records.generate_records("curated", 200 * num, seed=seed, size=64)):
-    spec = captions.parse_prompt(r["caption"])
-    if spec["family"] == family:
-      images.append(resize_crop(decode_image(r["image"]), (size, size)))
-      texts.append(r["caption"])
-      specs.append(spec)
-      if len(images) == num:
-        return np.stack(images), texts, specs
-  raise ValueError(f"only {len(images)} {family!r} records in {200 * num} generated; lower --num")
-
-
-def pass_rates(estimate: Callable[[float], np.ndarray], specs: Sequence[dict], levels: Sequence[float]) -> list[float]:
-  """Fraction of `estimate(level)` images (uint8 [N, H, W, 3]) that pass their spec, per level."""
-  from data_pipelines.shapes import scoring
-  return [float(np.mean([scoring.score(im, sp)["passed"] for im, sp in zip(estimate(level), specs)]))
-          for level in levels]
 
 
 def denoise_scores(workdir: str, levels: Sequence[float], family: str = "single", num: int = 64, seed: int = 1000,

@@ -1,12 +1,14 @@
 """Pieces shared by the shapes-bench scoring scripts (`benchmarks.shapes_eval`, `benchmarks.cm3_eval`,
 `benchmarks.conditioning`, `benchmarks.denoise_scores`): the eval prompt list, sample-then-score into a temporary
-folder, JSON-line output, a workdir's denoiser and its one-step clean estimate. No flags, so any script can import
-it."""
+folder, JSON-line output, a workdir's denoiser and its one-step clean estimate, clean renders of one prompt
+family and their pass rates. No flags, so any script (and any test) can import it."""
 from __future__ import annotations
 
 import json
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
+
+import numpy as np
 
 
 def eval_prompt_texts(num_per_family: int, seed: int, image_size: int) -> list[str]:
@@ -83,3 +85,29 @@ def check_level_args(argv: Sequence[str], workdirs: Sequence[str] | None, levels
   if not all(0.0 <= x <= 1.0 for x in out):
     raise app.UsageError(f"--levels must lie in [0, 1], got {list(levels)}")
   return out
+
+
+def clean_renders(family: str, num: int, size: int, seed: int) -> tuple[np.ndarray, list[str], list[dict]]:
+  """`num` clean records of one family from the shapes-bench generator: (uint8 images at `size`, captions, specs)."""
+  from data_pipelines.pipeline import resize_crop
+  from data_pipelines.shapes import captions, palette, records
+  from data_pipelines.shapes.rendering import decode_image
+  if family not in palette.FAMILIES:
+    raise ValueError(f"--family={family!r}: expected one of {palette.FAMILIES}")
+  images, texts, specs = [], [], []
+  for i, r in enumerate(records.generate_records("curated", 200 * num, seed=seed, size=64)):
+    spec = captions.parse_prompt(r["caption"])
+    if spec["family"] == family:
+      images.append(resize_crop(decode_image(r["image"]), (size, size)))
+      texts.append(r["caption"])
+      specs.append(spec)
+      if len(images) == num:
+        return np.stack(images), texts, specs
+  raise ValueError(f"only {len(images)} {family!r} records in {200 * num} generated; lower --num")
+
+
+def pass_rates(estimate: Callable[[float], np.ndarray], specs: Sequence[dict], levels: Sequence[float]) -> list[float]:
+  """Fraction of `estimate(level)` images (uint8 [N, H, W, 3]) that pass their spec, per level."""
+  from data_pipelines.shapes import scoring
+  return [float(np.mean([scoring.score(im, sp)["passed"] for im, sp in zip(estimate(level), specs)]))
+          for level in levels]

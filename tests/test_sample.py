@@ -94,7 +94,7 @@ def test_sample_cli_errors(tmp_path):
 
 def test_denoise_scores_pass_rates_with_an_oracle():
   # benchmarks.denoise_scores: an estimate that returns the clean renders passes all, a blank canvas none.
-  from benchmarks.denoise_scores import clean_renders, pass_rates
+  from benchmarks.eval_common import clean_renders, pass_rates
   images, texts, specs = clean_renders("single", 6, 32, seed=3)
   assert images.shape == (6, 32, 32, 3) and len(texts) == len(specs) == 6
   assert all(sp["family"] == "single" for sp in specs)

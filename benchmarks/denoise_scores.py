@@ -40,30 +40,24 @@ def denoise_scores(workdir: str, levels: Sequence[float], family: str = "single"
   import jax
   import jax.numpy as jnp
 
-  from data_pipelines.shapes import scoring
-
   s, p, denoise = load_denoiser(workdir, step)
   m, config = s.models, s.config
   images, texts, specs = clean_renders(family, num, int(config.image_size), seed)
   x0 = m.to_latents(p, jnp.asarray(images, jnp.float32) / 127.5 - 1.0, jax.random.PRNGKey(0))
   cond = m.cond(p, jnp.asarray(s.tokenize(texts)))
   noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape, x0.dtype)
-  mse = {}
 
   @jax.jit
-  def estimate_fn(level):
+  def estimate(level):  # -> (uint8 images, latent x0 error)
     x0_hat = x0_estimate(m, config, denoise, x0, noise, level, cond)
     img = jnp.clip((m.to_image(p, x0_hat).astype(jnp.float32) + 1.0) * 127.5, 0, 255)
     return jnp.round(img).astype(jnp.uint8), jnp.mean((x0_hat.astype(jnp.float32) - x0) ** 2)
 
-  def estimate(level):
-    img, mse[level] = estimate_fn(jnp.float32(level))
-    return np.asarray(img)
-
-  rates = pass_rates(estimate, specs, levels)
-  clean = float(np.mean([scoring.score(im, sp)["passed"] for im, sp in zip(images, specs)]))
+  out = {level: estimate(jnp.float32(level)) for level in levels}
+  rates = pass_rates(lambda level: np.asarray(out[level][0]), specs, levels)
+  clean = pass_rates(lambda _: images, specs, [0.0])[0]
   return [{"workdir": workdir, "step": s.step, "family": family, "num": num, "level": float(level), "passed": r,
-           "mse": float(mse[level]), "clean_passed": clean} for level, r in zip(levels, rates)]
+           "mse": float(out[level][1]), "clean_passed": clean} for level, r in zip(levels, rates)]
 
 
 def main(argv: Sequence[str]) -> None:

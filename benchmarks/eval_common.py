@@ -95,7 +95,7 @@ def clean_renders(family: str, num: int, size: int, seed: int) -> tuple[np.ndarr
   if family not in palette.FAMILIES:
     raise ValueError(f"--family={family!r}: expected one of {palette.FAMILIES}")
   images, texts, specs = [], [], []
-  for i, r in enumerate(records.generate_records("curated", 200 * num, seed=seed, size=64)):
+  for r in records.generate_records("curated", 200 * num, seed=seed, size=64):
     spec = captions.parse_prompt(r["caption"])
     if spec["family"] == family:
       images.append(resize_crop(decode_image(r["image"]), (size, size)))

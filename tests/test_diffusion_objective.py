@@ -121,6 +121,25 @@ def test_sample_noise_and_t_with_offset():
   assert 0.9 < float(np.asarray(n0).std()) < 1.1
 
 
+def test_logit_normal_timesteps_at_known_quantiles():
+  """t = floor(T sigmoid(N(m, s^2))): P(t < T sigmoid(m + k s)) = Phi(k); the uniform draw is unchanged."""
+  s = D.make_schedule()
+  n = 20000
+  for mean, std in ((0.0, 1.0), (-0.5, 0.7)):
+    _, t = jax.jit(lambda r, m=mean, sd=std: D.sample_noise_and_t(r, (n, 1, 1, 1), s, t_sampler="logit_normal",
+                                                                   logit_mean=m, logit_std=sd))(jax.random.key(0))
+    t = np.asarray(t)
+    assert t.dtype == np.int32 and 0 <= t.min() and t.max() < T
+    for k, phi in ((-1.0, 0.1587), (0.0, 0.5), (1.0, 0.8413)):
+      bound = T / (1.0 + np.exp(-(mean + k * std)))
+      assert abs(np.mean(t < bound) - phi) < 0.012, (mean, std, k)
+  _, t_default = D.sample_noise_and_t(jax.random.key(1), (64, 1, 1, 1), s)
+  _, t_uniform = D.sample_noise_and_t(jax.random.key(1), (64, 1, 1, 1), s, t_sampler="uniform")
+  np.testing.assert_array_equal(np.asarray(t_default), np.asarray(t_uniform))
+  with pytest.raises(ValueError, match="kind must be one of"):
+    D.sample_noise_and_t(jax.random.key(1), (4, 1, 1, 1), s, t_sampler="beta")
+
+
 def test_per_example_error_mask_weights_and_types():
   pred = np.array([[[[1.0], [2.0]]], [[[0.0], [4.0]]]], np.float32)  # [2, 1, 2, 1]
   tgt = np.zeros_like(pred)
@@ -355,4 +374,16 @@ def test_self_conditioning_in_the_train_loop(tmp_path):
   assert glob.glob(str(tmp_path / "samples" / "*.png"))
   cfg.unet.config.in_channels = 3
   with pytest.raises(ValueError, match="in_channels must be 6"):
+    loop.train(cfg, str(tmp_path / "bad"))
+
+
+def test_timestep_density_in_the_train_loop(tmp_path):
+  """config.diffusion.t_sampler reaches the loss through the one loop; a wrong name fails naming the key."""
+  from experiments import sd_shapes
+  from t2i.train import loop
+  cfg = sd_shapes.get_config("smoke")
+  cfg.diffusion.update(t_sampler="logit_normal", logit_mean=-0.5, logit_std=0.8)
+  assert np.isfinite(loop.train(cfg, str(tmp_path / "ok"))["loss"])
+  cfg.diffusion.t_sampler = "logitnormal"
+  with pytest.raises(ValueError, match=r"config.diffusion.t_sampler must be one of"):
     loop.train(cfg, str(tmp_path / "bad"))

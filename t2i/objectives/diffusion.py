@@ -192,8 +192,13 @@ def loss_weights(schedule: NoiseSchedule, t: jax.Array, prediction_type: str = "
 
 
 def sample_noise_and_t(rng: jax.Array, shape: tuple[int, ...], schedule: NoiseSchedule,
-                       noise_offset: float = 0.0) -> tuple[jax.Array, jax.Array]:
-  """Draws noise ~ N(0, I) of `shape` (plus offset * N(0,1)[B,1,..,1,C]) and int32 t ~ U[0, T)."""
+                       noise_offset: float = 0.0, t_sampler: str = "uniform", logit_mean: float = 0.0,
+                       logit_std: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Draws noise ~ N(0, I) of `shape` (plus offset * N(0,1)[B,1,..,1,C]) and int32 timesteps t in [0, T).
+
+  t_sampler "uniform": t ~ U{0, .., T-1}; "logit_normal": t = floor(T * sigmoid(N(logit_mean, logit_std^2)))
+  (SD3's density, `flow.sample_t`, on the index axis), which spends more steps on the middle of the schedule.
+  """
   if len(shape) < 2:
     raise ValueError(f"shape must be (batch, ..., channels), got {shape!r}")
   k_noise, k_offset, k_t = jax.random.split(rng, 3)
@@ -201,7 +206,13 @@ def sample_noise_and_t(rng: jax.Array, shape: tuple[int, ...], schedule: NoiseSc
   if not (isinstance(noise_offset, (int, float)) and noise_offset == 0):
     offset_shape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
     noise = noise + noise_offset * jax.random.normal(k_offset, offset_shape, jnp.float32)
-  t = jax.random.randint(k_t, (shape[0],), 0, schedule.num_train_timesteps, dtype=jnp.int32)
+  n = schedule.num_train_timesteps
+  if t_sampler == "uniform":
+    t = jax.random.randint(k_t, (shape[0],), 0, n, dtype=jnp.int32)
+  else:
+    from t2i.objectives import flow
+    u = flow.sample_t(k_t, shape[0], t_sampler, logit_mean, logit_std)
+    t = jnp.clip(jnp.floor(u * n), 0, n - 1).astype(jnp.int32)
   return noise, t
 
 
@@ -273,8 +284,8 @@ def self_conditioned_input(x_t: jax.Array, x0_estimate: jax.Array) -> jax.Array:
 def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.Array, schedule: NoiseSchedule, *,
                    prediction_type: str = "epsilon", snr_gamma: float | None = None, weight_floor: float = 0.0,
                    noise_offset: float = 0.0, loss_type: str = "l2", huber_c: float = 0.1,
-                   mask: jax.Array | None = None,
-                   self_condition: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   mask: jax.Array | None = None, self_condition: float = 0.0, t_sampler: str = "uniform",
+                   logit_mean: float = 0.0, logit_std: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Denoising loss: mean over the batch of `per_example_error` at uniformly drawn t.
 
   Args:
@@ -287,12 +298,13 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
       of steps the denoiser first runs on [x_t, 0] without gradient, and its x0 estimate replaces the zeros of
       the trained pass; otherwise the trained pass sees [x_t, 0]. The sampler feeds each step the previous step's
       x0 estimate, so the network learns to refine its own estimate.
+    t_sampler, logit_mean, logit_std: the timestep density (`sample_noise_and_t`).
   Returns:
     (scalar loss, metrics) where metrics holds "loss", "mse" (unweighted) and "weight_mean".
   """
   _check_prediction_type(prediction_type)
   rng, sc_rng = jax.random.split(rng) if self_condition else (rng, None)
-  noise, t = sample_noise_and_t(rng, x0.shape, schedule, noise_offset)
+  noise, t = sample_noise_and_t(rng, x0.shape, schedule, noise_offset, t_sampler, logit_mean, logit_std)
   noise = noise.astype(x0.dtype)
   x_t = add_noise(schedule, x0, noise, t)
   if self_condition:

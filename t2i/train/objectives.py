@@ -97,6 +97,17 @@ def _with_guidance(cond: dict, models, value: Any) -> dict:
   return {**cond, "guidance": jnp.broadcast_to(jnp.asarray(value, jnp.float32), (b,))}
 
 
+def _t_kw(models, section: str, default: str) -> dict:
+  """t_sampler / logit_mean / logit_std of config.<section>, the sampler name checked against flow.T_KINDS."""
+  from t2i.objectives import flow
+  cfg = models.config[section]
+  kind = cfg.get("t_sampler", default)
+  if kind not in flow.T_KINDS:
+    raise ValueError(f"config.{section}.t_sampler must be one of {flow.T_KINDS}, got {kind!r}")
+  return dict(t_sampler=kind, logit_mean=float(cfg.get("logit_mean", 0.0)),
+              logit_std=float(cfg.get("logit_std", 1.0)))
+
+
 def _flow_t_kw(models) -> dict:
   from t2i.objectives import flow
   cfg = models.config.flow
@@ -105,8 +116,7 @@ def _flow_t_kw(models) -> dict:
     h, w = models.latent_shape[:2]
     mu = flow.flux_mu((h // 2) * (w // 2), base_shift=float(cfg.get("base_shift", 0.5)),
                       max_shift=float(cfg.get("max_shift", 1.15)))
-  return dict(t_sampler=cfg.get("t_sampler", "logit_normal"), logit_mean=float(cfg.get("logit_mean", 0.0)),
-              logit_std=float(cfg.get("logit_std", 1.0)), shift_mu=mu)
+  return dict(_t_kw(models, "flow", "logit_normal"), shift_mu=mu)
 
 
 # ------------------------------------------------------------------------------------------------ diffusion
@@ -122,7 +132,8 @@ def diffusion_loss(params, frozen, batch, rng, models):
       _denoise_fn(p, models), x0, cond, r_loss, models.schedule,
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
       weight_floor=float(cfg.get("weight_floor") or 0.0), noise_offset=float(cfg.get("noise_offset", 0.0)),
-      loss_type=cfg.get("loss_type", "l2"), self_condition=models.self_condition)
+      loss_type=cfg.get("loss_type", "l2"), self_condition=models.self_condition,
+      **_t_kw(models, "diffusion", "uniform"))
 
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,

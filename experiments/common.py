@@ -32,7 +32,8 @@ def optimizer_config(lr: float = 1e-4, warmup_steps: int = 0, schedule: str = "c
   """AdamW with a weight-decay mask (kernels/embeddings only), warm-up + cosine/constant, clipping, accumulation."""
   return ml_collections.ConfigDict(dict(
       name="adamw", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, wd_mask="ndim>=2",
-      schedule=schedule, warmup_steps=warmup_steps, min_lr_ratio=0.0, grad_clip=grad_clip, grad_accum=grad_accum))
+      schedule=schedule, warmup_steps=warmup_steps, min_lr_ratio=0.0, grad_clip=grad_clip, grad_accum=grad_accum,
+      lr_scale={}))  # {params group: learning-rate factor}, e.g. {"text_encoder": 3.0}
 
 
 def module_config(module: str, config: dict | None = None, preset: str | None = None, dtype: str = "float32",

@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = common.optimizer_config(lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=1e-2,
                                         grad_clip=1.0)
   c.optimizer.min_lr_ratio = 0.1
+  c.optimizer.lr_scale = dict(text_encoder=1.0)  # the jointly trained text encoder's learning-rate factor
   c.ema = ml_collections.ConfigDict(dict(decay=0.995, every=1, warmup=True))
   c.diffusion.schedule = dict(kind="cosine", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                               rescale_zero_terminal_snr=False)

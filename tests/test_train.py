@@ -44,6 +44,23 @@ def test_clipping_and_accumulation():
   np.testing.assert_allclose(u2["w"], -0.05, rtol=1e-6)
 
 
+def test_lr_scale_per_group():
+  """config.optimizer.lr_scale multiplies one group's AdamW step (decay included); unknown groups fail by name."""
+  cfg = common.optimizer_config(lr=0.1, schedule="constant", weight_decay=0.5, grad_clip=0.0)
+  cfg.lr_scale = {"text_encoder": 3.0}
+  tx, _ = opt_lib.make_optimizer(cfg, 10)
+  params = {"unet": {"kernel": jnp.ones((2, 2))}, "text_encoder": {"kernel": jnp.ones((2, 2))}}
+  grads = jax.tree.map(lambda p: 0.25 * p, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step is lr * sign(g) = 0.1, decay lr * wd * p = 0.05: -0.15, and three times that.
+  np.testing.assert_allclose(updates["unet"]["kernel"], -0.15, rtol=1e-5)
+  np.testing.assert_allclose(updates["text_encoder"]["kernel"], -0.45, rtol=1e-5)
+  cfg.lr_scale = {"text_encoderr": 3.0}
+  tx, _ = opt_lib.make_optimizer(cfg, 10)
+  with pytest.raises(ValueError, match=r"lr_scale: no trainable group \['text_encoderr'\]"):
+    tx.init(params)
+
+
 def test_ema_updates_every_n():
   cfg = ml_collections.ConfigDict(dict(decay=0.5, every=2, warmup=False))
   e = {"w": jnp.zeros(())}

@@ -4,7 +4,9 @@ config.optimizer fields:
   name: "adamw" | "adam" | "sgd"; lr; b1; b2; eps; weight_decay;
   wd_mask: "ndim>=2" (decay kernels/embeddings only) | "all" | "none";
   schedule: "cosine" | "constant"; warmup_steps; min_lr_ratio (cosine end value / lr);
-  grad_clip (global norm, 0 = off); grad_accum (micro-steps per update, via optax.MultiSteps).
+  grad_clip (global norm, 0 = off); grad_accum (micro-steps per update, via optax.MultiSteps);
+  lr_scale: {group: factor} multiplies the learning rate of a trainable group (a top-level params key such as
+    "unet" or "text_encoder"), e.g. a faster text encoder trained jointly with the denoiser.
 """
 from __future__ import annotations
 
@@ -43,6 +45,23 @@ def decay_mask(kind: str) -> Any:
   raise ValueError(f"config.optimizer.wd_mask={kind!r}: expected 'ndim>=2', 'all' or 'none'")
 
 
+def scale_groups(factors: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of each top-level params group named in `factors` (a per-group learning rate)."""
+  factors = {str(k): float(v) for k, v in factors.items()}
+
+  def init(params):
+    unknown = sorted(set(factors) - set(params))
+    if unknown:
+      raise ValueError(f"config.optimizer.lr_scale: no trainable group {unknown} (groups: {sorted(params)})")
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return {k: jax.tree.map(lambda u, f=factors.get(k, 1.0): u * f, v) if factors.get(k, 1.0) != 1.0 else v
+            for k, v in updates.items()}, state
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """Returns (tx, schedule). With grad_accum > 1, tx is an `optax.MultiSteps` wrapper."""
   sched = lr_schedule(cfg, total_steps)
@@ -60,6 +79,8 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
   if cfg.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
   parts.append(opt)
+  if cfg.get("lr_scale"):
+    parts.append(scale_groups(dict(cfg.lr_scale)))
   tx = optax.chain(*parts)
   accum = int(cfg.get("grad_accum", 1))
   if accum > 1:

@@ -90,6 +90,7 @@ def evaluate(workdir: str, num: int = 64, seed: int = 1000, tasks: Sequence[str]
   import jax
   import numpy as np
   from data_pipelines import token_tasks
+  from data_pipelines.image_decode import to_float, to_uint8
   from data_pipelines.shapes import derived, scoring
   from t2i.sample import Sampler
   from t2i.train import token_data
@@ -109,11 +110,11 @@ def evaluate(workdir: str, num: int = 64, seed: int = 1000, tasks: Sequence[str]
   decode = jax.jit(lambda p, c: vq.apply({"params": p}, c, method="decode"))
 
   def codes_of(images: list[np.ndarray]) -> np.ndarray:
-    return np.asarray(encode(vq_params, np.stack(images).astype(np.float32) / 127.5 - 1.0))
+    return np.asarray(encode(vq_params, to_float(np.stack(images))))
 
   def pixels(codes: np.ndarray) -> np.ndarray:
     x = np.asarray(decode(vq_params, np.asarray(codes, np.int32)), np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return to_uint8(x)
 
   def images_for(prompts: list[list[int]]) -> np.ndarray:
     toks = _generate(s, [p + [vocab.special.image_start] for p in prompts], h * w, True, seed, batch,

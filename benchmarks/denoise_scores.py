@@ -39,19 +39,19 @@ def denoise_scores(workdir: str, levels: Sequence[float], family: str = "single"
                    step: int | None = None) -> list[dict]:
   import jax
   import jax.numpy as jnp
+  from data_pipelines.image_decode import to_float, to_uint8
 
   s, p, denoise = load_denoiser(workdir, step)
   m, config = s.models, s.config
   images, texts, specs = clean_renders(family, num, int(config.image_size), seed)
-  x0 = m.to_latents(p, jnp.asarray(images, jnp.float32) / 127.5 - 1.0, jax.random.PRNGKey(0))
+  x0 = m.to_latents(p, to_float(jnp.asarray(images)), jax.random.PRNGKey(0))
   cond = m.cond(p, jnp.asarray(s.tokenize(texts)))
   noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape, x0.dtype)
 
   @jax.jit
   def estimate(level):  # -> (uint8 images, latent x0 error)
     x0_hat = x0_estimate(m, config, denoise, x0, noise, level, cond)
-    img = jnp.clip((m.to_image(p, x0_hat).astype(jnp.float32) + 1.0) * 127.5, 0, 255)
-    return jnp.round(img).astype(jnp.uint8), jnp.mean((x0_hat.astype(jnp.float32) - x0) ** 2)
+    return to_uint8(m.to_image(p, x0_hat).astype(jnp.float32)), jnp.mean((x0_hat.astype(jnp.float32) - x0) ** 2)
 
   out = {level: estimate(jnp.float32(level)) for level in levels}
   rates = pass_rates(lambda level: np.asarray(out[level][0]), specs, levels)

@@ -17,6 +17,17 @@ class SkipSample(ValueError):
     self.reason = reason
 
 
+def to_float(images):
+  """uint8 pixels -> float32 in [-1, 1] (numpy in, numpy out; jax arrays stay jax arrays)."""
+  return images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+
+
+def to_uint8(images):
+  """Floats in [-1, 1] -> uint8 pixels, rounded and clipped (numpy in, numpy out; jax arrays stay jax arrays)."""
+  x = (images + 1.0) * 127.5
+  return x.round().clip(0, 255).astype(np.uint8)
+
+
 def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
   """High-bit-depth / float single-channel pixels -> uint8."""
   if mode == "F":

@@ -232,10 +232,9 @@ class TrainIterator(grain.DatasetIterator):
       raise ValueError(f"tokenizer_fn must return [n={n}, L] token ids, got shape {ids.shape}")
     if self._max_length and ids.shape[1] != self._max_length:
       raise ValueError(f"tokenizer_fn returned length {ids.shape[1]} but config.max_length={self._max_length}")
-    to_float = lambda x: x.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
-    batch = {"image": to_float(b["image"]), "input_ids": ids.astype(np.int32)}
+    batch = {"image": image_decode.to_float(b["image"]), "input_ids": ids.astype(np.int32)}
     if "image_l" in b:
-      batch["image_l"] = to_float(b["image_l"])
+      batch["image_l"] = image_decode.to_float(b["image_l"])
     self.last_host_batch = {"caption": b["caption"], "pos": b["pos"]}
     if self._sharding is not None:
       batch = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}

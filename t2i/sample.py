@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
+from data_pipelines.image_decode import to_uint8
 from t2i import parallel
 from t2i.train import checkpoint as ckpt_lib
 from t2i.train import ema as ema_lib
@@ -117,7 +118,7 @@ def sample_prompts(s: Sampler, prompts: list[str], num: int, seed: int, batch: i
     imgs = s([p for p, _ in pad], [sd for _, sd in pad], **kw)[:len(chunk)]
     for j, ((p, sd), im) in enumerate(zip(chunk, imgs)):
       name = f"{b0 + j:05d}.png"
-      Image.fromarray(np.clip(np.round((im + 1) * 127.5), 0, 255).astype(np.uint8)).save(os.path.join(out_dir, name))
+      Image.fromarray(to_uint8(im)).save(os.path.join(out_dir, name))
       rows.append({"file": name, "prompt": p, "seed": sd})
   with open(os.path.join(out_dir, "index.jsonl"), "w") as f:
     for r in rows:

@@ -112,7 +112,7 @@ def build_document_index(de_workdir: str, data_dir: str, source_dataset: str, im
   for b0 in range(0, n, batch):
     rows = [src[i] for i in range(b0, min(n, b0 + batch))]
     x = np.stack([resize_crop(image_decode.decode_rgb(r["image"]), (image_size, image_size)) for r in rows])
-    x = x.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    x = image_decode.to_float(x)
     t = tok([common.text(r["caption"]) for r in rows])
     pad = batch - len(rows)  # one compiled shape
     xp, tp = (np.concatenate([x, np.repeat(x[-1:], pad, 0)]), np.concatenate([t, np.repeat(t[-1:], pad, 0)])) \

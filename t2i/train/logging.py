@@ -12,6 +12,8 @@ from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from data_pipelines.image_decode import to_uint8
+
 
 class SummaryWriter:
   """Writes scalar and image summaries to `logdir` as TensorBoard event files."""
@@ -69,7 +71,7 @@ def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
   """[N, H, W, 3] floats in [-1, 1] (or uint8) -> one uint8 grid image."""
   images = np.asarray(images)
   if images.dtype != np.uint8:
-    images = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    images = to_uint8(images)
   n, h, w, c = images.shape
   cols = cols or int(np.ceil(np.sqrt(n)))
   rows = int(np.ceil(n / cols))

@@ -66,7 +66,7 @@ def build_round(opponent_workdir: str, data_dir: str, real_dataset: str, num: in
       real_img = resize_crop(image_decode.decode_rgb(real[i]["image"]), (image_size, image_size))
       rows["caption"].append(captions[i])
       rows["jpg_0"].append(png_bytes(real_img))
-      rows["jpg_1"].append(png_bytes(np.clip(np.round((im + 1) * 127.5), 0, 255).astype(np.uint8)))
+      rows["jpg_1"].append(png_bytes(image_decode.to_uint8(im)))
       rows["label_0"].append(1.0)
     logging.info("SPIN round data: %d / %d opponent samples", len(rows["caption"]), n)
   os.makedirs(data_dir, exist_ok=True)

@@ -85,6 +85,7 @@ def image_encoder(vq_workdir: str, image_size: int, ema: bool, step: int, batch:
              ) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[int, int], int, int, bool]:
   """(uint8 images [n, s, s, 3] -> codes [n, h, w] in batches of `batch`, code grid, num_codes, checkpoint step,
   whether EMA params were read) of a VQ run."""
+  from data_pipelines import image_decode
   module, params, ckpt, vq_config = load_vq(vq_workdir, ema, step)
   if int(vq_config.image_size) != int(image_size):
     raise ValueError(f"config.image_size={image_size} but the VQ run {vq_workdir} was trained at "
@@ -95,7 +96,7 @@ def image_encoder(vq_workdir: str, image_size: int, ema: bool, step: int, batch:
   def encode_images(imgs: np.ndarray) -> np.ndarray:
     out = []
     for b0 in range(0, len(imgs), batch):
-      x = imgs[b0:b0 + batch].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+      x = image_decode.to_float(imgs[b0:b0 + batch])
       n = len(x)
       x = np.concatenate([x, np.repeat(x[-1:], batch - n, 0)]) if n < batch else x
       out.append(np.asarray(encode(params, x))[:n])

@@ -61,6 +61,22 @@ def test_lr_scale_per_group():
     tx.init(params)
 
 
+def test_lr_scale_in_the_train_loop(tmp_path):
+  """lr_scale through the one loop (sharded optimiser state): a text encoder scaled by 0 stays put."""
+  import orbax.checkpoint as ocp
+  from experiments import sd_shapes
+  from t2i.train import loop
+  cfg = sd_shapes.get_config("smoke")
+  cfg.optimizer.lr_scale = {"text_encoder": 0.0}
+  cfg.optimizer.weight_decay = 0.0
+  assert np.isfinite(loop.train(cfg, str(tmp_path))["loss"])
+  first, last = (ocp.PyTreeCheckpointer().restore(f"{tmp_path}/checkpoints/{s}/state")["params"]
+                 for s in (2, cfg.total_steps))
+  for group, moved in (("text_encoder", False), ("unet", True)):
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(p[group])]) for p in (first, last))
+    assert np.array_equal(a, b) != moved, group
+
+
 def test_ema_updates_every_n():
   cfg = ml_collections.ConfigDict(dict(decay=0.5, every=2, warmup=False))
   e = {"w": jnp.zeros(())}

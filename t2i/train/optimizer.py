@@ -10,7 +10,7 @@ config.optimizer fields:
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import optax
@@ -50,6 +50,8 @@ def scale_groups(factors: dict[str, float]) -> optax.GradientTransformation:
   factors = {str(k): float(v) for k, v in factors.items()}
 
   def init(params):
+    if not isinstance(params, Mapping):  # optax.tree_map_params inits with a placeholder
+      return optax.EmptyState()
     unknown = sorted(set(factors) - set(params))
     if unknown:
       raise ValueError(f"config.optimizer.lr_scale: no trainable group {unknown} (groups: {sorted(params)})")

@@ -286,7 +286,7 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
                    noise_offset: float = 0.0, loss_type: str = "l2", huber_c: float = 0.1,
                    mask: jax.Array | None = None, self_condition: float = 0.0, t_sampler: str = "uniform",
                    logit_mean: float = 0.0, logit_std: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Denoising loss: mean over the batch of `per_example_error` at uniformly drawn t.
+  """Denoising loss: mean over the batch of `per_example_error` at timesteps drawn per `t_sampler`.
 
   Args:
     denoise_fn: (x_t, t int32 [B], cond) -> prediction with x_t's shape; with self-conditioning its input is

@@ -54,7 +54,7 @@ def _size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
 def decode_image(data: bytes, size: int | tuple[int, int]) -> np.ndarray:
   """Encoded PNG/JPEG/... bytes -> float32 [h, w, 3] in [-1, 1], resized to cover `size` and centre-cropped."""
   img = resize_crop(image_decode.decode_rgb(data), _size_hw(size))
-  return image_decode.to_float(np.ascontiguousarray(img))
+  return image_decode.to_float(img)
 
 
 def decode_pair(pair: Record, size: int | tuple[int, int]) -> Record:

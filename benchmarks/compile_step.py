@@ -4,10 +4,13 @@ per-device memory from `compiled.memory_analysis()`. Nothing is allocated and no
   python benchmarks/compile_step.py --config=experiments/sdxl.py [--mesh=fsdp=8] [--batch=8] [--fast_compile]
       [--cache]
   python benchmarks/compile_step.py --config=experiments/flux1_dev.py --mesh=fsdp=4,tensor=2 --cache
+  python benchmarks/compile_step.py --config=experiments/flux1_dev.py --optimizer=adafactor --nocompile
 
 --mesh gives the mesh axes (data, fsdp, tensor; unnamed axes are 1); the fake device count is their product.
 --config may carry a variant (`experiments/sdxl.py:small`). --cache compiles the step on cached VAE latents and
-text embeddings (no frozen encoders in the step), as `--config.cache.enabled=True` trains.
+text embeddings (no frozen encoders in the step), as `--config.cache.enabled=True` trains. --optimizer replaces
+`config.optimizer.name` (adamw, lion, adafactor, ...); --nocompile reports only the parameter counts and each
+device's bytes of parameters, optimiser state and EMA (seconds instead of minutes).
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=None, help="global batch (default: one per device)")
   ap.add_argument("--fast_compile", action="store_true", help="XLA CPU backend at -O0 (faster compile)")
   ap.add_argument("--cache", action="store_true", help="step on cached latents + text embeddings")
+  ap.add_argument("--optimizer", default=None, help="config.optimizer.name (default: the experiment's)")
+  ap.add_argument("--nocompile", action="store_true", help="state sizes only, no compile")
   args = ap.parse_args()
   mesh = parse_mesh(args.mesh)
   devices = math.prod(mesh.values())
@@ -59,8 +64,10 @@ def main() -> None:
   cfg.mesh = mesh
   cfg.batch_size = args.batch or devices
   cfg.cache.enabled = args.cache
-  report = aot.compile_report(cfg)
-  report.pop("compiled")
+  if args.optimizer:
+    cfg.optimizer.name = args.optimizer
+  report = aot.compile_report(cfg, do_compile=not args.nocompile)
+  report.pop("compiled", None)
   for k, v in report.items():
     print(f"{k}: {v}", flush=True)
 

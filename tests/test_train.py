@@ -77,6 +77,65 @@ def test_lr_scale_in_the_train_loop(tmp_path):
     assert np.array_equal(a, b) != moved, group
 
 
+def test_lion_and_adafactor_first_step():
+  """Lion's and Adafactor's first update is -lr * (sign(g) + wd * p) (Adafactor: exact for a rank-1 g**2);
+  Adafactor keeps a row and a column vector for a factored matrix instead of a full second moment."""
+  a, b = np.linspace(-1, 2, 256, dtype=np.float32), np.linspace(0.5, -3, 128, dtype=np.float32)
+  params = {"kernel": jnp.full((256, 128), 2.0), "bias": jnp.ones((128,))}
+  grads = {"kernel": jnp.asarray(np.outer(a, b)), "bias": jnp.asarray(b)}
+  for name in ("lion", "adafactor"):
+    cfg = common.optimizer_config(lr=0.1, schedule="constant", weight_decay=0.5, grad_clip=0.0)
+    cfg.name = name
+    tx, _ = opt_lib.make_optimizer(cfg, 10)
+    state = tx.init(params)
+    updates, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["kernel"], -0.1 * (np.sign(np.outer(a, b)) + 0.5 * 2.0), rtol=1e-4,
+                               atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(updates["bias"], -0.1 * np.sign(b), rtol=1e-4, err_msg=name)  # vectors: no decay
+    sizes = sorted(x.size for x in jax.tree.leaves(state) if x.ndim)
+    if name == "lion":   # one moment per parameter
+      assert sizes == [128, 256 * 128]
+    else:                # factored kernel: 256 + 128 numbers; the bias keeps a full (128,) second moment
+      assert 256 * 128 not in sizes and {256, 128} <= set(sizes), sizes
+  cfg.name = "adamm"
+  with pytest.raises(ValueError, match="optimizer.name='adamm'"):
+    opt_lib.make_optimizer(cfg, 10)
+
+
+@pytest.mark.parametrize("name", ["lion", "adafactor"])
+def test_other_optimizers_in_the_sharded_train_loop(tmp_path, name):
+  """Lion and Adafactor train through the one loop on the 8-device mesh; Adafactor's factored statistics (which
+  do not have their parameter's shape) are replicated, its full-shape ones sharded like their parameter."""
+  from experiments import sd_shapes
+  from t2i.train import loop
+  cfg = sd_shapes.get_config("smoke")
+  cfg.optimizer.name = name
+  cfg.optimizer.factored_min_dim = 8   # the toy models' matrices are small: factor them anyway
+  assert np.isfinite(loop.train(cfg, str(tmp_path))["loss"])
+  p = {"k": jax.ShapeDtypeStruct((16, 32), jnp.float32), "b": jax.ShapeDtypeStruct((40,), jnp.float32)}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
+  shard = jax.sharding.NamedSharding
+  p_shards = {"k": shard(mesh, jax.sharding.PartitionSpec("fsdp", "tensor")),
+              "b": shard(mesh, jax.sharding.PartitionSpec("tensor"))}
+  repl = shard(mesh, jax.sharding.PartitionSpec())
+  tx, _ = opt_lib.make_optimizer(cfg.optimizer, 10)
+  abstract, shardings = opt_lib.opt_state_shardings(tx, p, p_shards, repl)
+  shapes = []
+  for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    expect = p_shards["k"] if leaf.shape == (16, 32) else p_shards["b"] if leaf.shape == (40,) else repl
+    assert s == expect, (leaf.shape, s)
+    shapes.append(leaf.shape)
+  assert ((16,) in shapes and (32,) in shapes) == (name == "adafactor"), shapes  # the kernel's row and column
+  # What one device holds (benchmarks/compile_step.py --nocompile): Lion an eighth of the kernel's moment and 10
+  # of the bias's 40; Adafactor all of the (replicated) row and column, 10 of the bias's second moment and three
+  # one-number placeholders (the kernel's unused full moment, the bias's unused row and column).
+  from t2i import parallel
+  from t2i.train import aot
+  moments = [x for x in jax.tree.leaves(parallel.to_struct(abstract, shardings)) if x.ndim]  # not step counts
+  floats = {"lion": 16 * 32 // 8 + 40 // 4, "adafactor": 16 + 32 + 40 // 4 + 3}[name]
+  assert aot.per_device_bytes(moments) == 4 * floats
+
+
 def test_ema_updates_every_n():
   cfg = ml_collections.ConfigDict(dict(decay=0.5, every=2, warmup=False))
   e = {"w": jnp.zeros(())}

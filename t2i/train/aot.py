@@ -5,9 +5,11 @@ devices' mesh, and reports parameter counts, compile time and per-device memory 
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from t2i import parallel
@@ -48,13 +50,26 @@ def abstract_setup(config: Any, mesh: Any = None) -> dict[str, Any]:
               f_structs=f_structs, f_shards=f_shards)
 
 
-def compile_report(config: Any, mesh: Any = None) -> dict[str, Any]:
+def per_device_bytes(structs: Any) -> int:
+  """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s (its shard of each leaf)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(structs))
+
+
+def compile_report(config: Any, mesh: Any = None, do_compile: bool = True) -> dict[str, Any]:
+  """Parameter counts, per-device bytes of the train state's parts and, if `do_compile`, compile time and
+  `memory_analysis()` of the compiled step."""
   s = abstract_setup(config, mesh)
   models, mesh, rules = s["models"], s["mesh"], s["rules"]
   report: dict[str, Any] = {"mesh": dict(mesh.shape), "global_batch": int(config.batch_size),
                             "image_size": int(config.image_size)}
   for name, tree in {**s["structs"].params, **s["f_structs"]}.items():
     report[f"params_{name}"] = param_count(tree)
+  state = s["structs"]
+  for part in ("params", "opt_state", "ema_params"):
+    if getattr(state, part) is not None:
+      report[f"per_device_{part}_GiB"] = round(per_device_bytes(getattr(state, part)) / 2**30, 3)
+  if not do_compile:
+    return report
   objective = objectives.get(config.objective)
   update = step_lib.make_update(models, objective.loss, s["tx"], s["sched"], config.get("ema"),
                                 int(config.optimizer.get("grad_accum", 1)))

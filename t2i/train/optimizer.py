@@ -1,7 +1,14 @@
-"""Optax optimiser from the config: AdamW + weight-decay mask, warm-up + cosine/constant, clipping, accumulation.
+"""Optax optimiser from the config: AdamW (or Lion, Adafactor, ...) + weight-decay mask, warm-up + cosine/constant,
+clipping, accumulation.
 
 config.optimizer fields:
-  name: "adamw" | "adam" | "sgd"; lr; b1; b2; eps; weight_decay;
+  name: "adamw" | "lion" | "adafactor" | "adam" | "sgd"; lr; b1; b2; eps; weight_decay (decoupled: each step
+    subtracts lr * weight_decay * param, for every name but "adam" and "sgd");
+    "lion" keeps one moment (half of AdamW's state; b1 0.9, b2 0.99 are its usual values, and its lr is usually
+    3-10x smaller than AdamW's). "adafactor" keeps factored second moments (a row and a column vector per matrix
+    whose two largest dims are >= factored_min_dim, default 128) and no first moment unless `momentum` is set, with
+    an absolute lr (no relative step, no parameter scaling) and update clipping at RMS `clip_rms` (default 1.0):
+    its state is a small fraction of AdamW's, for models whose optimiser state does not fit;
   wd_mask: "ndim>=2" (decay kernels/embeddings only) | "all" | "none";
   schedule: "cosine" | "constant"; warmup_steps; min_lr_ratio (cosine end value / lr);
   grad_clip (global norm, 0 = off); grad_accum (micro-steps per update, via optax.MultiSteps);
@@ -64,19 +71,39 @@ def scale_groups(factors: dict[str, float]) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def _adafactor(cfg: Any, sched: Callable[[Any], Any], decay: Any) -> optax.GradientTransformation:
+  """Adafactor with an absolute learning rate and AdamW's decoupled weight decay (lr * wd * param)."""
+  parts = [optax.scale_by_factored_rms(decay_rate=cfg.get("decay_rate", 0.8),
+                                       min_dim_size_to_factor=int(cfg.get("factored_min_dim", 128)))]
+  if cfg.get("clip_rms", 1.0):
+    parts.append(optax.clip_by_block_rms(float(cfg.get("clip_rms", 1.0))))
+  if cfg.get("momentum", None):
+    parts.append(optax.ema(float(cfg.momentum), debias=False))
+  if cfg.get("weight_decay", 0.0):
+    parts.append(optax.add_decayed_weights(float(cfg.weight_decay), decay))
+  parts.append(optax.scale_by_learning_rate(sched))
+  return optax.chain(*parts)
+
+
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
   """Returns (tx, schedule). With grad_accum > 1, tx is an `optax.MultiSteps` wrapper."""
   sched = lr_schedule(cfg, total_steps)
   name = cfg.get("name", "adamw")
+  decay = decay_mask(cfg.get("wd_mask", "ndim>=2"))
   if name == "adamw":
     opt = optax.adamw(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
-                      weight_decay=cfg.get("weight_decay", 0.0), mask=decay_mask(cfg.get("wd_mask", "ndim>=2")))
+                      weight_decay=cfg.get("weight_decay", 0.0), mask=decay)
+  elif name == "lion":
+    opt = optax.lion(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.99), weight_decay=cfg.get("weight_decay", 0.0),
+                     mask=decay)
+  elif name == "adafactor":
+    opt = _adafactor(cfg, sched, decay)
   elif name == "adam":
     opt = optax.adam(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8))
   elif name == "sgd":
     opt = optax.sgd(sched, momentum=cfg.get("momentum", None))
   else:
-    raise ValueError(f"config.optimizer.name={name!r}: expected 'adamw', 'adam' or 'sgd'")
+    raise ValueError(f"config.optimizer.name={name!r}: expected 'adamw', 'lion', 'adafactor', 'adam' or 'sgd'")
   parts = []
   if cfg.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
@@ -92,8 +119,10 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
                         replicated: Any) -> tuple[Any, Any]:
-  """(abstract opt state, shardings): param-shaped leaves follow their param's sharding, others replicated."""
+  """(abstract opt state, shardings): leaves of their param's shape follow its sharding, others are replicated
+  (counts, and Adafactor's factored row/column statistics, which are vectors of a matrix's side lengths)."""
   abstract = jax.eval_shape(tx.init, abstract_params)
-  shardings = optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
-                                    transform_non_params=lambda _: replicated)
+  shardings = optax.tree_map_params(
+      tx, lambda leaf, p, s: s if leaf.shape == p.shape else replicated, abstract, abstract_params, param_shardings,
+      transform_non_params=lambda _: replicated)
   return abstract, shardings

@@ -4,11 +4,12 @@ clipping, accumulation.
 config.optimizer fields:
   name: "adamw" | "lion" | "adafactor" | "adam" | "sgd"; lr; b1; b2; eps; weight_decay (decoupled: each step
     subtracts lr * weight_decay * param, for every name but "adam" and "sgd");
-    "lion" keeps one moment (half of AdamW's state; b1 0.9, b2 0.99 are its usual values, and its lr is usually
-    3-10x smaller than AdamW's). "adafactor" keeps factored second moments (a row and a column vector per matrix
-    whose two largest dims are >= factored_min_dim, default 128) and no first moment unless `momentum` is set, with
-    an absolute lr (no relative step, no parameter scaling) and update clipping at RMS `clip_rms` (default 1.0):
-    its state is a small fraction of AdamW's, for models whose optimiser state does not fit;
+    "lion" keeps one moment (half of AdamW's state) and reads the same b1, b2 (its paper uses 0.9, 0.99, where
+    experiments/common.py sets AdamW's 0.9, 0.999) and usually a 3-10x smaller lr than AdamW's;
+    "adafactor" keeps factored second moments (a row and a column vector per matrix whose two largest dims are
+    >= factored_min_dim, default 128) and no first moment unless `momentum` is set, with an absolute lr (no
+    relative step, no parameter scaling) and update clipping at RMS `clip_rms` (default 1.0): its state is a
+    small fraction of AdamW's, for models whose optimiser state does not fit;
   wd_mask: "ndim>=2" (decay kernels/embeddings only) | "all" | "none";
   schedule: "cosine" | "constant"; warmup_steps; min_lr_ratio (cosine end value / lr);
   grad_clip (global norm, 0 = off); grad_accum (micro-steps per update, via optax.MultiSteps);

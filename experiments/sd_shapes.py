@@ -10,7 +10,7 @@ Run (what `make demo` does; about 14 minutes on 2 CPU cores, install included):
   python -m t2i.sample --workdir=workdirs/sd_shapes --prompt="a large red circle" --num=8 --out=out
   python -m t2i.evaluate --samples=out
 Expected (docs/results.md, "A lead" and session 16): over 1,020 prompts overall 0.13, single 0.24 (on `make demo`'s
-120: about 0.10 / 0.25; goal single 0.8: not reached); `:long` (12,000 steps, 51 min on 2 quiet CPU cores; 720
+120: 0.10 / 0.20; goal single 0.8: not reached); `:long` (12,000 steps, 51 min on 2 quiet CPU cores; 720
 prompts) overall 0.58, single 0.85, two objects 0.70, position 0.34 (goal 0.95 / 0.6 / 0.4: two objects reached).
 Variants: `:long` (8x the steps); `:latent` (tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent`
 (stand-in toy models and toy data, a few steps; used by the tests to exercise the loop quickly).

@@ -64,10 +64,10 @@ def compile_report(config: Any, mesh: Any = None, do_compile: bool = True) -> di
                             "image_size": int(config.image_size)}
   for name, tree in {**s["structs"].params, **s["f_structs"]}.items():
     report[f"params_{name}"] = param_count(tree)
-  state = s["structs"]
   for part in ("params", "opt_state", "ema_params"):
-    if getattr(state, part) is not None:
-      report[f"per_device_{part}_GiB"] = round(per_device_bytes(getattr(state, part)) / 2**30, 3)
+    tree = getattr(s["structs"], part)
+    if tree is not None:
+      report[f"per_device_{part}_GiB"] = round(per_device_bytes(tree) / 2**30, 3)
   if not do_compile:
     return report
   objective = objectives.get(config.objective)

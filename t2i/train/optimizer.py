@@ -76,8 +76,9 @@ def _adafactor(cfg: Any, sched: Callable[[Any], Any], decay: Any) -> optax.Gradi
   """Adafactor with an absolute learning rate and AdamW's decoupled weight decay (lr * wd * param)."""
   parts = [optax.scale_by_factored_rms(decay_rate=cfg.get("decay_rate", 0.8),
                                        min_dim_size_to_factor=int(cfg.get("factored_min_dim", 128)))]
-  if cfg.get("clip_rms", 1.0):
-    parts.append(optax.clip_by_block_rms(float(cfg.get("clip_rms", 1.0))))
+  clip_rms = float(cfg.get("clip_rms", 1.0))
+  if clip_rms:
+    parts.append(optax.clip_by_block_rms(clip_rms))
   if cfg.get("momentum", None):
     parts.append(optax.ema(float(cfg.momentum), debias=False))
   if cfg.get("weight_decay", 0.0):

@@ -12,7 +12,8 @@ Run (after the SFT run):
 Expected: the MMDiT rows of the preference table in docs/results.md; `:spin` runs with the opponent anchor
 (round 1: 0.132 vs continued SFT 0.122, 2 seeds x 1,020 prompts; `--config.preference.opponent_anchor=0` for plain
 SPIN, 0.074). From the SFT of `flux_shapes_pretrain.py:long` every arm ties (0.163-0.166, 3 seeds).
-Variants: `:dpo` (default), `:spin`, `:sft`, `:smoke` (tests).
+Variants: `:dpo` (default), `:spin`, `:sft`, `:judged` / `:judged_winners` (on-policy pairs judged by the
+shapes-bench scorer, and SFT on their winners: see `sd_shapes_dpo.py`), `:smoke` (tests).
 """
 from __future__ import annotations
 
@@ -37,9 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 sft_on_winners=False, sft_weight=0.0, opponent_anchor=0.0))
   pairs = ml_collections.ConfigDict(dict(name="shapes_pairs", data_dir="~/t2i_data", shapes_num=4000, shapes_seed=0,
                                          caption_dropout=0.0, flip=False, worker_count=0))
-  if variant == "dpo":
+  if variant in ("dpo", "judged", "judged_winners"):
     c.objective = "flow_dpo"
     c.data = pairs
+    if variant.startswith("judged"):  # on-policy pairs judged by the scorer (sd_shapes_dpo.py's `:judged`)
+      c.data = common.judged_pairs_data()
+      c.preference.update(opponent_anchor=1.0, sft_on_winners=variant == "judged_winners")
   elif variant == "spin":
     c.objective = "flow_spin"
     c.preference.opponent_anchor = 1.0  # docs/results.md, "Opponent anchor"
@@ -58,5 +62,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_from.workdir = ""
     c.data = ml_collections.ConfigDict(dict(name="toy", nan_batch=-1, pair=True))
   else:
-    raise ValueError(f"experiments/flux_shapes_dpo.py: unknown variant {variant!r} (dpo, spin, sft, smoke)")
+    raise ValueError(f"experiments/flux_shapes_dpo.py: unknown variant {variant!r} "
+                     "(dpo, spin, sft, judged, judged_winners, smoke)")
   return c

@@ -8,10 +8,15 @@ Run (after the demo, `make demo`, which trains workdirs/sd_shapes; a few minutes
 Expected: the U-Net rows of the preference table in docs/results.md; implicit accuracy (TensorBoard
 "implicit_acc") rises above 0.5. From the stronger `sd_shapes.py:long` model plain DPO textures its samples (0.457
 -> 0.330 over 1,020 prompts); add `--config.preference.sft_weight=1000` (SFT term on the winners) or
-`--config.preference.opponent_anchor=1` (0.469 each), and give the `:sft` arm the start's own weighting,
+`--config.preference.opponent_anchor=1` (0.469 each), and give the arms the start's own weighting,
 `--config.diffusion.weight_floor=1` ("Preference arms from the 12,000-step `:long` model").
 Variants: `:sft` continued SFT on the real training split, same steps and batch (the baseline arm);
-`:sft_winners` the Diffusion-DPO paper's SFT-on-winners switch; `:smoke` (tests).
+`:sft_winners` the Diffusion-DPO paper's SFT-on-winners switch; `:judged` on-policy DPO: the start model samples
+4 images for each of about 850 shapes-bench prompts (prompt seed 0, none naming a held-out pair; the eval sets use
+seeds 1234, 99, 7), the shapes-bench scorer marks each pass or fail, and (pass, fail) samples of one prompt are the
+pairs (`experiments/common.py::judged_pairs_data`; the rejected images are the model's own, so the opponent
+anchor is on, as in SPIN); `:judged_winners` SFT on the same set's passing samples (rejection-sampling fine-tuning,
+the control that tells the losers' contribution apart); `:smoke` (tests).
 """
 from __future__ import annotations
 
@@ -33,9 +38,10 @@ def preference_arm(c: ml_collections.ConfigDict, init_from: str, steps: int = 15
   c.text_encoder.trainable = False
   c.eval = common.eval_config()  # pair data: not the demo's single-image held-out loss
   # The objective settings the preference tables in docs/results.md were measured with (the demo before session
-  # 16): min-SNR 5 without a floor, uniform t. From a start trained otherwise, give the `:sft` arm the start's own
+  # 16): min-SNR 5 without a floor, uniform t. From a start trained otherwise, give every arm the start's own
   # (e.g. --config.diffusion.weight_floor=1 --config.diffusion.t_sampler=logit_normal
-  # --config.diffusion.logit_mean=0.5 from the current demo or `:long` recipe).
+  # --config.diffusion.logit_mean=0.5 from the current demo or `:long` recipe); the pair losses draw t and weight
+  # it like the plain objective since session 17 (before, only the `:sft` arm read these flags).
   c.diffusion.update(weight_floor=0.0, t_sampler="uniform", logit_mean=0.0)
 
 
@@ -52,14 +58,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = sd_shapes.get_config()
   preference_arm(c, "workdirs/sd_shapes")
   c.diffusion.cond_dropout = 0.0
-  if variant in ("dpo", "sft_winners"):
+  if variant in ("dpo", "sft_winners", "judged", "judged_winners"):
+    judged = variant.startswith("judged")
     c.objective = "diffusion_dpo"
     c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}))
     c.preference = ml_collections.ConfigDict(dict(beta=2000.0, loss_kind="sigmoid",
-                                                  sft_on_winners=variant == "sft_winners", sft_weight=0.0,
-                                                  opponent_anchor=0.0))  # anchors: t2i/objectives/preference.py
+                                                  sft_on_winners=variant.endswith("winners"), sft_weight=0.0,
+                                                  opponent_anchor=1.0 if judged else 0.0))  # t2i/objectives/preference.py
     c.data = ml_collections.ConfigDict(dict(name="shapes_pairs", data_dir="~/t2i_data", shapes_num=4000,
                                             shapes_seed=0, caption_dropout=0.0, flip=False, worker_count=0))
+    if judged:
+      c.data = common.judged_pairs_data()
   elif variant == "sft":
     c.diffusion.cond_dropout = 0.1
   elif variant == "smoke":
@@ -70,5 +79,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_from.workdir = ""
     c.data = ml_collections.ConfigDict(dict(name="toy", nan_batch=-1, pair=True))
   else:
-    raise ValueError(f"experiments/sd_shapes_dpo.py: unknown variant {variant!r} (dpo, sft, sft_winners, smoke)")
+    raise ValueError(f"experiments/sd_shapes_dpo.py: unknown variant {variant!r} "
+                     "(dpo, sft, sft_winners, judged, judged_winners, smoke)")
   return c

@@ -244,6 +244,20 @@ def test_sft_switch_is_plain_diffusion_loss_on_winners():
   _, m_dpo = P.diffusion_dpo_loss(pol, pol, x_w, x_l, cond, rng, s, beta=5000.0)
   plain, _ = D.diffusion_loss(pol, x_w, cond, rng, s)
   np.testing.assert_allclose(m_dpo["mse_w_policy"], plain, rtol=1e-6)
+  # ... also under the run's own timestep density and min-SNR floor (both arms, and SPIN, draw t alike)
+  d_kw = dict(t_sampler="logit_normal", logit_mean=1.0, logit_std=1.0, weight_floor=1.0)
+  sft, m_sft = P.diffusion_dpo_loss(pol, never, x_w, x_l, cond, rng, s, beta=1.0, sft_on_winners=True,
+                                    snr_gamma=5.0, prediction_type="sample", **d_kw)
+  plain, m_plain = D.diffusion_loss(pol, x_w, cond, rng, s, snr_gamma=5.0, prediction_type="sample", **d_kw)
+  np.testing.assert_allclose(sft, plain, rtol=1e-7)
+  for loss_fn in (P.diffusion_dpo_loss, P.spin_loss):
+    _, m_pair = loss_fn(pol, pol, x_w, x_l, cond, rng, s, beta=1.0, snr_gamma=5.0, prediction_type="sample",
+                        **d_kw)
+    np.testing.assert_allclose(m_pair["mse_w_policy"], m_plain["mse"], rtol=1e-6)
+    np.testing.assert_allclose(m_pair["weight_mean"], m_plain["weight_mean"], rtol=1e-6)
+  assert float(m_plain["weight_mean"]) >= 1.0  # the floor
+  _, m_uniform = D.diffusion_loss(pol, x_w, cond, rng, s, snr_gamma=5.0, prediction_type="sample")
+  assert float(m_uniform["mse"]) != float(m_plain["mse"])  # another t: the density reached the draw
   # flow SFT arm: flow.flow_loss on winners, under the same (t, noise) as the flow DPO arm
   t_kw = dict(t_sampler="logit_normal", logit_mean=0.5, shift_mu=1.15)
   sft_f, m_sft = P.flow_dpo_loss(pol, never, x_w, x_l, cond, rng, beta=1.0, sft_on_winners=True, **t_kw)

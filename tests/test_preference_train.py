@@ -1,5 +1,5 @@
 """Preference objectives in the one train loop: pair data (ties dropped, winner first), Diffusion-DPO / flow-DPO
-with a frozen, sharded reference, and a SPIN round's opponent-sampled data set."""
+with a frozen, sharded reference, a SPIN round's opponent-sampled data set and judged on-policy pairs."""
 import io
 
 import jax
@@ -80,17 +80,17 @@ def test_flow_dpo_runs(tmp_path):
 
 
 def test_spin_round_samples_opponent_and_trains(sft_run, tmp_path):
-  from t2i.train import spin_data
+  from t2i.train import generated_pairs
   data_dir = str(tmp_path / "data")
   real = pipeline.prepare_shapes(data_dir, "train", num=6, size=32)
-  name = spin_data.build_round(str(sft_run), data_dir, real, num=6, image_size=16, batch=4)
+  name = generated_pairs.build_round(str(sft_run), data_dir, real, num=6, image_size=16, batch=4)
   src = common.load_source(data_dir, name)
   assert len(src) == 6
   for i in range(6):
     r = src[i]
     assert float(r["label_0"]) == 1.0
     assert np.asarray(Image.open(io.BytesIO(r["jpg_1"]))).shape == (16, 16, 3)
-  assert spin_data.build_round(str(sft_run), data_dir, real, num=6, image_size=16) == name  # cached
+  assert generated_pairs.build_round(str(sft_run), data_dir, real, num=6, image_size=16) == name  # cached
   cfg = sd_shapes_spin.get_config()
   sd_shapes_dpo.use_smoke_models(cfg)
   cfg.init_from.workdir = str(sft_run)
@@ -102,13 +102,62 @@ def test_spin_round_samples_opponent_and_trains(sft_run, tmp_path):
 
 def test_spin_round_name_tells_opponents_apart(tmp_path):
   """The round cache key: same folder name in other parents, or the same run trained further, is another round."""
-  from t2i.train import spin_data
+  from t2i.train import generated_pairs
   a, b = tmp_path / "x" / "run", tmp_path / "y" / "run"
   for d in (a, b):
     (d / "checkpoints" / "150").mkdir(parents=True)
-  name = lambda w: spin_data.round_name(str(w), "shapes_bench/train_32px", 1200, 0)
+  name = lambda w: generated_pairs.round_name(str(w), "shapes_bench/train_32px", 1200, 0)
   assert name(a) == name(a) and name(a) != name(b)
   before = name(a)
   (a / "checkpoints" / "300").mkdir()
   assert name(a) != before and "st300" in name(a)
   assert all(ch.isalnum() or ch == "_" for ch in name(a)) and len(name(a)) <= 120
+
+
+def test_pass_fail_pairs_and_judged_prompts():
+  from data_pipelines.shapes import palette
+  from data_pipelines.shapes.evalset import eval_prompts
+  from t2i.train import generated_pairs
+  rng = np.random.default_rng(0)
+  assert generated_pairs.pass_fail_pairs([True] * 4, 4, rng) == []        # ties: no pair
+  assert generated_pairs.pass_fail_pairs([False] * 4, 4, rng) == []
+  assert sorted(generated_pairs.pass_fail_pairs([True, False, True, False], 4, rng)) == [(0, 1), (0, 3), (2, 1),
+                                                                                           (2, 3)]
+  few = generated_pairs.pass_fail_pairs([True, False, False, False], 2, rng)
+  assert len(set(few)) == 2 and all(w == 0 and l in (1, 2, 3) for w, l in few)
+  prompts = generated_pairs.judged_prompts(40, 0, 32)
+  assert {p["family"] for p in prompts} == set(palette.FAMILIES) and 150 < len(prompts) < 240
+  assert not any((o["color"], o["shape"]) in palette.HELD_OUT for p in prompts for o in p["spec"]["objects"])
+  eval_texts = {p["prompt"] for p in eval_prompts(40, 1234, None, 32)}
+  assert len({p["prompt"] for p in prompts} & eval_texts) < len(prompts) / 2  # another draw than the eval set's
+
+
+def test_judged_pairs_are_pass_fail_samples_and_train(sft_run, tmp_path):
+  """On-policy pairs: the start run samples K images per prompt, a judge marks each; pairs are (pass, fail) of one
+  prompt, winner first; the set is cached, and `sd_shapes_dpo.py:judged` trains on it through the loop."""
+  from t2i.train import generated_pairs
+  data_dir = str(tmp_path / "data")
+  judge = lambda im, spec: int(im.astype(np.int64).sum()) % 2 == 0  # an arbitrary pass / fail that both sides hit
+  name, stats = generated_pairs.build_judged(str(sft_run), data_dir, num_per_family=3, samples=4, max_pairs=3,
+                                             batch=8, judge=judge)
+  src = common.load_source(data_dir, name)
+  assert len(src) == stats["num_pairs"] == sum(stats["pairs"].values()) > 0
+  assert stats["samples"] == 4 * stats["prompts"]
+  prompts = {p["prompt"] for p in generated_pairs.judged_prompts(3, 0, 16)}
+  for i in range(len(src)):
+    r = src[i]
+    w, l = (np.asarray(Image.open(io.BytesIO(r[k])).convert("RGB")) for k in ("jpg_0", "jpg_1"))
+    assert w.shape == l.shape == (16, 16, 3) and float(r["label_0"]) == 1.0
+    assert judge(w, None) and not judge(l, None) and common.text(r["caption"]) in prompts
+
+  def no_resampling(*_):
+    raise AssertionError("the cached set should be reused")
+  assert generated_pairs.build_judged(str(sft_run), data_dir, 3, 4, 3, judge=no_resampling)[0] == name
+  with pytest.raises(ValueError, match="gave a .pass, fail. pair"):
+    generated_pairs.build_judged(str(sft_run), data_dir, 1, 2, 1, seed=5, judge=lambda *_: True)
+  cfg = sd_shapes_dpo.get_config("judged")
+  sd_shapes_dpo.use_smoke_models(cfg)
+  cfg.init_from.workdir = str(sft_run)
+  cfg.data.update(data_dir=data_dir, prompts_per_family=3, max_pairs_per_prompt=3)
+  rec = loop.train(cfg, str(tmp_path / "judged"))
+  assert np.isfinite(rec["loss"]) and 0.0 <= rec["implicit_acc"] <= 1.0 and "anchor" in rec

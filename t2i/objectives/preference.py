@@ -149,9 +149,9 @@ def _check_pair(x_w: jax.Array, x_l: jax.Array) -> None:
 
 # --------------------------------------------------------------------------------------- epsilon / v
 def _noise_pair(rng: jax.Array, x_w: jax.Array, x_l: jax.Array, schedule: D.NoiseSchedule, noise_offset: float,
-                shared_noise: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(noise_w, noise_l, t): one draw per pair (shared) or independent noise with a shared t."""
-  noise_w, t = D.sample_noise_and_t(rng, x_w.shape, schedule, noise_offset)
+                shared_noise: bool, t_kw: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(noise_w, noise_l, t): one draw per pair (shared) or independent noise with a shared t (density `t_kw`)."""
+  noise_w, t = D.sample_noise_and_t(rng, x_w.shape, schedule, noise_offset, **t_kw)
   if shared_noise:
     return noise_w.astype(x_w.dtype), noise_w.astype(x_l.dtype), t
   noise_l, _ = D.sample_noise_and_t(jax.random.fold_in(rng, 1), x_l.shape, schedule, noise_offset)
@@ -159,15 +159,16 @@ def _noise_pair(rng: jax.Array, x_w: jax.Array, x_l: jax.Array, schedule: D.Nois
 
 
 def _eps_pair_loss(policy_fn, ref_fn, x_w, x_l, cond, rng, schedule, *, beta, prediction_type, snr_gamma,
-                   noise_offset, shared_noise, loss_kind, sft_weight, concat_pair, opponent_anchor=0.0):
+                   noise_offset, shared_noise, loss_kind, sft_weight, concat_pair, opponent_anchor, weight_floor,
+                   t_kw):
   _check_pair(x_w, x_l)
-  noise_w, noise_l, t = _noise_pair(rng, x_w, x_l, schedule, noise_offset, shared_noise)
+  noise_w, noise_l, t = _noise_pair(rng, x_w, x_l, schedule, noise_offset, shared_noise, t_kw)
   xt_w = D.add_noise(schedule, x_w, noise_w, t)
   xt_l = D.add_noise(schedule, x_l, noise_l, t)
   tgt_w = D.target(schedule, x_w, noise_w, t, prediction_type)
   tgt_l = D.target(schedule, x_l, noise_l, t, prediction_type)
   errs, gap = _pair_errors(policy_fn, ref_fn, xt_w, xt_l, t, tgt_w, tgt_l, cond, concat_pair)
-  w = D.loss_weights(schedule, t, prediction_type, snr_gamma)
+  w = D.loss_weights(schedule, t, prediction_type, snr_gamma, weight_floor)
   return _pair_loss(errs, gap, w, beta, loss_kind, sft_weight, opponent_anchor)
 
 
@@ -175,8 +176,9 @@ def diffusion_dpo_loss(policy_fn: DenoiseFn, ref_fn: DenoiseFn, x_w: jax.Array, 
                        rng: jax.Array, schedule: D.NoiseSchedule, *, beta: float | jax.Array,
                        prediction_type: str = "epsilon", sft_on_winners: bool = False,
                        snr_gamma: float | None = None, noise_offset: float = 0.0, loss_kind: str = "sigmoid",
-                       sft_weight: float = 0.0, opponent_anchor: float = 0.0,
-                       concat_pair: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       sft_weight: float = 0.0, opponent_anchor: float = 0.0, concat_pair: bool = True,
+                       weight_floor: float = 0.0, t_sampler: str = "uniform", logit_mean: float = 0.0,
+                       logit_std: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Diffusion-DPO on an epsilon / v / sample-predicting denoiser.
 
   One (t, noise) is drawn per pair with `diffusion.sample_noise_and_t` and applied to both x_w and x_l; the four
@@ -199,26 +201,31 @@ def diffusion_dpo_loss(policy_fn: DenoiseFn, ref_fn: DenoiseFn, x_w: jax.Array, 
       finds them.
     concat_pair: evaluate each model once on the 2B batch [x_w; x_l] (every cond leaf must have leading dim B);
       False makes two B-sized calls.
+    weight_floor, t_sampler, logit_mean, logit_std: the min-SNR weight's floor and the timestep density, as in
+      `diffusion.diffusion_loss` (so that a preference arm draws t as the run it starts from was trained).
   Returns:
     (loss, metrics): `dpo_loss_from_errors` metrics plus "policy_ref_gap" (mean ||pred_policy - pred_ref||^2, a
     per-step KL proxy) and "weight_mean".
   """
   _check_prediction_type(prediction_type)
+  t_kw = dict(t_sampler=t_sampler, logit_mean=logit_mean, logit_std=logit_std)
   if sft_on_winners:
     loss, m = D.diffusion_loss(policy_fn, x_w, cond, rng, schedule, prediction_type=prediction_type,
-                               snr_gamma=snr_gamma, noise_offset=noise_offset)
+                               snr_gamma=snr_gamma, noise_offset=noise_offset, weight_floor=weight_floor, **t_kw)
     return loss, {"loss": loss, "mse_w_policy": m["mse"], "weight_mean": m["weight_mean"]}
   return _eps_pair_loss(policy_fn, ref_fn, x_w, x_l, cond, rng, schedule, beta=beta,
                         prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=noise_offset,
                         shared_noise=True, loss_kind=loss_kind, sft_weight=sft_weight, concat_pair=concat_pair,
-                        opponent_anchor=opponent_anchor)
+                        opponent_anchor=opponent_anchor, weight_floor=weight_floor, t_kw=t_kw)
 
 
 def spin_loss(policy_fn: DenoiseFn, opponent_fn: DenoiseFn, x_real: jax.Array, x_gen: jax.Array, cond: PyTree,
               rng: jax.Array, schedule: D.NoiseSchedule, *, beta: float | jax.Array,
               prediction_type: str = "epsilon", snr_gamma: float | None = None, noise_offset: float = 0.0,
               shared_noise: bool = True, loss_kind: str = "sigmoid", sft_weight: float = 0.0,
-              opponent_anchor: float = 0.0, concat_pair: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+              opponent_anchor: float = 0.0, concat_pair: bool = True, weight_floor: float = 0.0,
+              t_sampler: str = "uniform", logit_mean: float = 0.0,
+              logit_std: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SPIN-Diffusion (single-timestep approximation): DPO with winner = real, loser = opponent sample.
 
     loss = mean -log sigmoid(-(beta/2) w_t [(e_pol(x_real) - e_opp(x_real)) - (e_pol(x_gen) - e_opp(x_gen))])
@@ -229,13 +236,14 @@ def spin_loss(policy_fn: DenoiseFn, opponent_fn: DenoiseFn, x_real: jax.Array, x
   frozen for the whole SPIN iteration. Defaults: shared (t, noise) per pair, constant timestep weight, logistic loss,
   no SFT term, no opponent anchor (see `_pair_loss`); `shared_noise=False` draws independent noise (t stays
   shared), `loss_kind="hinge"` gives the hinge variant, `snr_gamma` a min-SNR timestep weight. Metrics as in
-  `diffusion_dpo_loss`, with w = real and l = gen.
+  `diffusion_dpo_loss`, with w = real and l = gen; `weight_floor` and the timestep density as there.
   """
   _check_prediction_type(prediction_type)
   return _eps_pair_loss(policy_fn, opponent_fn, x_real, x_gen, cond, rng, schedule, beta=beta,
                         prediction_type=prediction_type, snr_gamma=snr_gamma, noise_offset=noise_offset,
                         shared_noise=shared_noise, loss_kind=loss_kind, sft_weight=sft_weight,
-                        concat_pair=concat_pair, opponent_anchor=opponent_anchor)
+                        concat_pair=concat_pair, opponent_anchor=opponent_anchor, weight_floor=weight_floor,
+                        t_kw=dict(t_sampler=t_sampler, logit_mean=logit_mean, logit_std=logit_std))
 
 
 # ------------------------------------------------------------------------------------------- rectified flow

@@ -73,15 +73,23 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
       common.prepare(pp.PreferencePairs(config=pc, data_dir=cfg["data_dir"], file_format=common.FILE_FORMAT))
     cfg["dataset"], cfg["pair"] = f"preference_pairs/{pc.name}", True
   elif kind == "spin":  # (real, opponent sample) pairs of a SPIN round, sampled once by the opponent run
-    from t2i.train import spin_data
+    from t2i.train import generated_pairs
     opponent = config.reference.get("init_from") or config.init_from.workdir
     split, num = cfg.pop("shapes_split", "train"), int(cfg.pop("shapes_num", 1000))
     real = pipeline.prepare_shapes(cfg["data_dir"], split, None, size=int(config.image_size))
-    cfg["dataset"] = spin_data.build_round(opponent, cfg["data_dir"], real, num, int(config.image_size),
-                                           seed=int(cfg.pop("round_seed", config.seed)))
+    cfg["dataset"] = generated_pairs.build_round(opponent, cfg["data_dir"], real, num, int(config.image_size),
+                                                 seed=int(cfg.pop("round_seed", config.seed)))
+    cfg["pair"] = True
+  elif kind == "judged":  # on-policy (passing, failing) sample pairs of the start run, judged by the scorer
+    from t2i.train import generated_pairs
+    policy = config.reference.get("init_from") or config.init_from.workdir
+    cfg["dataset"], _ = generated_pairs.build_judged(
+        policy, cfg["data_dir"], int(cfg.pop("prompts_per_family")), int(cfg.pop("samples_per_prompt", 4)),
+        int(cfg.pop("max_pairs_per_prompt", 4)), seed=int(cfg.pop("prompt_seed", 0)))
     cfg["pair"] = True
   elif kind != "tfds":
-    raise ValueError(f"config.data.name={kind!r}: expected 'toy', 'shapes', 'shapes_pairs', 'spin' or 'tfds'")
+    raise ValueError(f"config.data.name={kind!r}: expected 'toy', 'shapes', 'shapes_pairs', 'spin', 'judged' or "
+                     "'tfds'")
   return pipeline.make_train_iterator(ml_collections.ConfigDict(cfg), tokenize, int(config.batch_size),
                                       mesh=mesh, seed=int(config.seed))
 

@@ -238,7 +238,8 @@ def diffusion_pair_loss(params, frozen, batch, rng, models, spin: bool = False):
   dcfg, pcfg = models.config.diffusion, models.config.preference
   p, cond, x_w, x_l, r = _pair_inputs(params, frozen, batch, rng, models)
   kw = dict(beta=float(pcfg.beta), prediction_type=dcfg.prediction_type, snr_gamma=dcfg.get("snr_gamma") or None,
-            noise_offset=float(dcfg.get("noise_offset", 0.0)), loss_kind=pcfg.get("loss_kind", "sigmoid"))
+            noise_offset=float(dcfg.get("noise_offset", 0.0)), loss_kind=pcfg.get("loss_kind", "sigmoid"),
+            weight_floor=float(dcfg.get("weight_floor") or 0.0), **_t_kw(models, "diffusion", "uniform"))
   policy, ref = _denoise_fn(p, models), _denoise_fn(p, models, reference=True)
   if spin:
     return preference.spin_loss(policy, ref, x_w, x_l, cond, r, models.schedule, **_anchor_kw(pcfg), **kw)

@@ -99,10 +99,11 @@ def judged_pairs_data(prompts_per_family: int = 200) -> ml_collections.ConfigDic
   """On-policy preference pairs (`config.data.name="judged"`, `t2i/train/generated_pairs.py::build_judged`): the
   start run samples `samples_per_prompt` images for each shapes-bench prompt of `prompt_seed` (none naming a
   held-out pair; about 850 prompts from 200 per family), the scorer marks each pass or fail, and up to
-  `max_pairs_per_prompt` (pass, fail) pairs of one prompt are kept."""
+  `max_pairs_per_prompt` (pass, fail) pairs of one prompt are kept; `winner="render"`: a clean render of the
+  prompt's ground-truth scene instead of a passing sample, against each failing sample."""
   return ml_collections.ConfigDict(dict(name="judged", data_dir="~/t2i_data", prompts_per_family=prompts_per_family,
                                         samples_per_prompt=4, max_pairs_per_prompt=4, prompt_seed=0,
-                                        caption_dropout=0.0, flip=False, worker_count=0))
+                                        winner="sample", caption_dropout=0.0, flip=False, worker_count=0))
 
 
 def smoke_schedule(c: ml_collections.ConfigDict, total_steps: int, ckpt_every: int, sample_every: int,

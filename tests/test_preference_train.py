@@ -150,6 +150,20 @@ def test_judged_pairs_are_pass_fail_samples_and_train(sft_run, tmp_path):
     assert w.shape == l.shape == (16, 16, 3) and float(r["label_0"]) == 1.0
     assert judge(w, None) and not judge(l, None) and common.text(r["caption"]) in prompts
 
+  # winner="render": a clean render of the prompt's scene (it passes the real scorer) against each failing sample
+  from data_pipelines.shapes.captions import parse_prompt
+  from data_pipelines.shapes.scoring import score
+  r_name, r_stats = generated_pairs.build_judged(str(sft_run), data_dir, 3, 4, 3, batch=8, judge=judge,
+                                                 winner="render")
+  r_src = common.load_source(data_dir, r_name)
+  assert r_name != name and len(r_src) == r_stats["num_pairs"] > stats["num_pairs"] // 2
+  for i in range(len(r_src)):
+    w, l = (np.asarray(Image.open(io.BytesIO(r_src[i][k])).convert("RGB")) for k in ("jpg_0", "jpg_1"))
+    assert w.shape == (32, 32, 3) and score(w, parse_prompt(common.text(r_src[i]["caption"])))["passed"]
+    assert not judge(l, None)
+  with pytest.raises(ValueError, match="config.data.winner"):
+    generated_pairs.build_judged(str(sft_run), data_dir, 3, winner="real")
+
   def no_resampling(*_):
     raise AssertionError("the cached set should be reused")
   assert generated_pairs.build_judged(str(sft_run), data_dir, 3, 4, 3, judge=no_resampling)[0] == name

@@ -6,7 +6,8 @@ any preference data (config.data.pair):
   real training image; pairs are (real, opponent sample).
 - `build_judged` (on-policy DPO): the policy samples K images for each of a set of shapes-bench prompts, a judge
   (by default the shapes-bench scorer) marks each pass or fail, and pairs are (passing, failing) samples of the
-  same prompt; prompts whose samples all pass or all fail give no pair (ties dropped).
+  same prompt; prompts whose samples all pass or all fail give no pair (ties dropped). With winner="render" the
+  preferred image is instead a clean render of a scene that satisfies the prompt, against each failing sample.
 
 Each set is cached: a rerun (or a resumed run) reuses the built dataset. Its name carries the generating run's
 folder, a hash of its full path and its latest checkpoint step, so another run, or the same run trained further,
@@ -127,23 +128,29 @@ def pass_fail_pairs(passed: Sequence[bool], max_pairs: int, rng: np.random.Gener
   return [combos[k] for k in sorted(order)]
 
 
-def judged_name(policy_workdir: str, num_per_family: int, samples: int, max_pairs: int, seed: int) -> str:
-  return _set_name("judged", policy_workdir, f"f{num_per_family}_k{samples}_m{max_pairs}_s{seed}")
+def judged_name(policy_workdir: str, num_per_family: int, samples: int, max_pairs: int, seed: int,
+                winner: str = "sample") -> str:
+  rest = f"f{num_per_family}_k{samples}_m{max_pairs}_s{seed}" + ("" if winner == "sample" else f"_{winner}")
+  return _set_name("judged", policy_workdir, rest)
 
 
 def build_judged(policy_workdir: str, data_dir: str, num_per_family: int, samples: int = 4, max_pairs: int = 4,
                  seed: int = 0, batch: int = 40, num_steps: int | None = None, guidance_scale: float | None = None,
-                 judge: Judge | None = None) -> tuple[str, dict[str, Any]]:
+                 judge: Judge | None = None, winner: str = "sample") -> tuple[str, dict[str, Any]]:
   """Builds (once) an on-policy pair dataset; returns its `cfg.dataset` name and statistics (prompts, samples,
   pass rate per family, pairs per family; also written next to it as `<name>.stats.json`).
 
   Prompts: `judged_prompts(num_per_family, seed)`; sample j of prompt i starts from noise seed
   `seed * 1_000_003 + i * samples + j`, with the run's own sampler, steps and guidance unless given. `judge(image,
-  spec)` defaults to the shapes-bench scorer's pass/fail (`data_pipelines.shapes.scoring.score`).
+  spec)` defaults to the shapes-bench scorer's pass/fail (`data_pipelines.shapes.scoring.score`). `winner`:
+  "sample" pairs (passing, failing) samples (`pass_fail_pairs`); "render" pairs a clean render of the prompt's
+  ground-truth scene (the eval generator's `scene`) with each of up to `max_pairs` failing samples.
   """
   import json
-  from data_pipelines.shapes.rendering import png_bytes
-  name = judged_name(policy_workdir, num_per_family, samples, max_pairs, seed)
+  from data_pipelines.shapes.rendering import png_bytes, render_clean
+  if winner not in ("sample", "render"):
+    raise ValueError(f"winner must be 'sample' or 'render' (config.data.winner), got {winner!r}")
+  name = judged_name(policy_workdir, num_per_family, samples, max_pairs, seed, winner)
   stats_file = os.path.join(data_dir, name + ".stats.json")
   if _exists(data_dir, name):
     with open(stats_file) as f:
@@ -170,12 +177,17 @@ def build_judged(policy_workdir: str, data_dir: str, num_per_family: int, sample
     fam = p["family"]
     n_pass, n_all = stats["passed"].get(fam, (0, 0))
     stats["passed"][fam] = (n_pass + sum(passed), n_all + samples)
-    pairs = pass_fail_pairs(passed, max_pairs, rng)
+    if winner == "render":
+      clean = png_bytes(render_clean(p["scene"], max(32, int(s.config.image_size)))[0])
+      fails = [j for j, ok in enumerate(passed) if not ok]
+      pairs = [(clean, png_bytes(imgs[fails[k]])) for k in sorted(rng.permutation(len(fails))[:max_pairs])]
+    else:
+      pairs = [(png_bytes(imgs[w]), png_bytes(imgs[l])) for w, l in pass_fail_pairs(passed, max_pairs, rng)]
     stats["pairs"][fam] = stats["pairs"].get(fam, 0) + len(pairs)
     for w, l in pairs:
       rows["caption"].append(p["prompt"])
-      rows["jpg_0"].append(png_bytes(imgs[w]))
-      rows["jpg_1"].append(png_bytes(imgs[l]))
+      rows["jpg_0"].append(w)
+      rows["jpg_1"].append(l)
       rows["label_0"].append(1.0)
   stats["pass_rate"] = {f: a / b for f, (a, b) in stats.pop("passed").items()}
   stats["num_pairs"] = len(rows["caption"])

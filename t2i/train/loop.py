@@ -85,7 +85,8 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
     policy = config.reference.get("init_from") or config.init_from.workdir
     cfg["dataset"], _ = generated_pairs.build_judged(
         policy, cfg["data_dir"], int(cfg.pop("prompts_per_family")), int(cfg.pop("samples_per_prompt", 4)),
-        int(cfg.pop("max_pairs_per_prompt", 4)), seed=int(cfg.pop("prompt_seed", 0)))
+        int(cfg.pop("max_pairs_per_prompt", 4)), seed=int(cfg.pop("prompt_seed", 0)),
+        winner=cfg.pop("winner", "sample"))
     cfg["pair"] = True
   elif kind != "tfds":
     raise ValueError(f"config.data.name={kind!r}: expected 'toy', 'shapes', 'shapes_pairs', 'spin', 'judged' or "

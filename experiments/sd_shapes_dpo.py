@@ -62,13 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     judged = variant.startswith("judged")
     c.objective = "diffusion_dpo"
     c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}))
-    c.preference = ml_collections.ConfigDict(dict(beta=2000.0, loss_kind="sigmoid",
-                                                  sft_on_winners=variant.endswith("winners"), sft_weight=0.0,
-                                                  opponent_anchor=1.0 if judged else 0.0))  # t2i/objectives/preference.py
-    c.data = ml_collections.ConfigDict(dict(name="shapes_pairs", data_dir="~/t2i_data", shapes_num=4000,
-                                            shapes_seed=0, caption_dropout=0.0, flip=False, worker_count=0))
-    if judged:
-      c.data = common.judged_pairs_data()
+    c.preference = ml_collections.ConfigDict(dict(  # anchors: t2i/objectives/preference.py
+        beta=2000.0, loss_kind="sigmoid", sft_on_winners=variant.endswith("winners"), sft_weight=0.0,
+        opponent_anchor=1.0 if judged else 0.0))
+    c.data = common.judged_pairs_data() if judged else ml_collections.ConfigDict(dict(
+        name="shapes_pairs", data_dir="~/t2i_data", shapes_num=4000, shapes_seed=0, caption_dropout=0.0, flip=False,
+        worker_count=0))
   elif variant == "sft":
     c.diffusion.cond_dropout = 0.1
   elif variant == "smoke":

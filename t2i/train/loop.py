@@ -80,7 +80,7 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
     cfg["dataset"] = generated_pairs.build_round(opponent, cfg["data_dir"], real, num, int(config.image_size),
                                                  seed=int(cfg.pop("round_seed", config.seed)))
     cfg["pair"] = True
-  elif kind == "judged":  # on-policy (passing, failing) sample pairs of the start run, judged by the scorer
+  elif kind == "judged":  # the start run's samples judged by the scorer: (passing or rendered, failing) pairs
     from t2i.train import generated_pairs
     policy = config.reference.get("init_from") or config.init_from.workdir
     cfg["dataset"], _ = generated_pairs.build_judged(

@@ -15,8 +15,11 @@ Variants: `:sft` continued SFT on the real training split, same steps and batch 
 4 images for each of about 850 shapes-bench prompts (prompt seed 0, none naming a held-out pair; the eval sets use
 seeds 1234, 99, 7), the shapes-bench scorer marks each pass or fail, and (pass, fail) samples of one prompt are the
 pairs (`experiments/common.py::judged_pairs_data`; the rejected images are the model's own, so the opponent
-anchor is on, as in SPIN); `:judged_winners` SFT on the same set's passing samples (rejection-sampling fine-tuning,
-the control that tells the losers' contribution apart); `:smoke` (tests).
+anchor is on, as in SPIN; `--config.data.winner=render`: a clean render of the prompt's scene is the preferred
+image instead); `:judged_winners` SFT on the same set's passing samples (rejection-sampling fine-tuning, the
+control that tells the losers' contribution apart); `:smoke` (tests). Measured from a `:long` start (docs/results.md,
+"On-policy pairs judged by the scorer", 2 seeds x 1,020 prompts): continued SFT 0.475, `:judged` 0.445,
+`:judged --config.data.winner=render` 0.468, `:judged_winners` 0.353: none beats continued SFT.
 """
 from __future__ import annotations
 

@@ -161,7 +161,8 @@ def build_judged(policy_workdir: str, data_dir: str, num_per_family: int, sample
   from t2i.sample import Sampler
   s = Sampler(policy_workdir)
   cfg = s.config.sample
-  prompts = judged_prompts(num_per_family, seed, int(s.config.image_size))
+  canvas = max(32, int(s.config.image_size))  # the prompts' (and their scenes') canvas, as in judged_prompts
+  prompts = judged_prompts(num_per_family, seed, canvas)
   jobs = [(i, j) for i in range(len(prompts)) for j in range(samples)]
   images = _sample_in_batches(s, [prompts[i]["prompt"] for i, _ in jobs],
                               [seed * 1_000_003 + i * samples + j for i, j in jobs], batch,
@@ -178,7 +179,7 @@ def build_judged(policy_workdir: str, data_dir: str, num_per_family: int, sample
     n_pass, n_all = stats["passed"].get(fam, (0, 0))
     stats["passed"][fam] = (n_pass + sum(passed), n_all + samples)
     if winner == "render":
-      clean = png_bytes(render_clean(p["scene"], max(32, int(s.config.image_size)))[0])
+      clean = png_bytes(render_clean(p["scene"], canvas)[0])
       fails = [j for j, ok in enumerate(passed) if not ok]
       pairs = [(clean, png_bytes(imgs[fails[k]])) for k in sorted(rng.permutation(len(fails))[:max_pairs])]
     else:
@@ -195,7 +196,7 @@ def build_judged(policy_workdir: str, data_dir: str, num_per_family: int, sample
   if not rows["caption"]:
     raise ValueError(f"{policy_workdir}: none of its {len(images)} samples for {len(prompts)} prompts gave a "
                      "(pass, fail) pair; raise config.data.samples_per_prompt or config.data.prompts_per_family")
-  dataset = _write(rows, data_dir, name)
-  with open(stats_file, "w") as f:
+  os.makedirs(data_dir, exist_ok=True)
+  with open(stats_file, "w") as f:  # before the set: a built set always has its statistics
     json.dump(stats, f, indent=1)
-  return dataset, stats
+  return _write(rows, data_dir, name), stats

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,15 @@ class Sampler:
     return np.asarray(parallel.global_to_host(out))
 
 
+def sample_in_batches(s: Sampler, prompts: list[str], seeds: list[int], batch: int, **kw) -> Iterator[np.ndarray]:
+  """Images for (prompts[i], seeds[i]), yielded `batch` at a time ([n, H, W, 3] in [-1, 1]): one compiled shape,
+  the last batch padded with its last job and cut back. `kw` go to the sampler call."""
+  for b0 in range(0, len(prompts), batch):
+    chunk = list(range(b0, min(len(prompts), b0 + batch)))
+    pad = chunk + [chunk[-1]] * (batch - len(chunk))
+    yield s([prompts[i] for i in pad], [seeds[i] for i in pad], **kw)[:len(chunk)]
+
+
 def sample_prompts(s: Sampler, prompts: list[str], num: int, seed: int, batch: int, out_dir: str, **kw) -> list:
   """Writes num images per prompt into out_dir (00000.png ...) plus index.jsonl; returns the index rows.
 
@@ -111,15 +120,13 @@ def sample_prompts(s: Sampler, prompts: list[str], num: int, seed: int, batch: i
   from PIL import Image
   os.makedirs(out_dir, exist_ok=True)
   jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(num))]
+  images = (im for imgs in sample_in_batches(s, [p for p, _ in jobs], [sd for _, sd in jobs], batch, **kw)
+            for im in imgs)
   rows = []
-  for b0 in range(0, len(jobs), batch):
-    chunk = jobs[b0:b0 + batch]
-    pad = chunk + [chunk[-1]] * (batch - len(chunk))
-    imgs = s([p for p, _ in pad], [sd for _, sd in pad], **kw)[:len(chunk)]
-    for j, ((p, sd), im) in enumerate(zip(chunk, imgs)):
-      name = f"{b0 + j:05d}.png"
-      Image.fromarray(to_uint8(im)).save(os.path.join(out_dir, name))
-      rows.append({"file": name, "prompt": p, "seed": sd})
+  for j, ((p, sd), im) in enumerate(zip(jobs, images)):
+    name = f"{j:05d}.png"
+    Image.fromarray(to_uint8(im)).save(os.path.join(out_dir, name))
+    rows.append({"file": name, "prompt": p, "seed": sd})
   with open(os.path.join(out_dir, "index.jsonl"), "w") as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")

@@ -67,16 +67,17 @@ def _write(rows: dict[str, list[Any]], data_dir: str, name: str) -> str:
   return f"preference_pairs/{name}"
 
 
-def _sample_in_batches(s, prompts: Sequence[str], seeds: Sequence[int], batch: int, steps: int, g: float,
-                       sampler: str) -> list[np.ndarray]:
-  """uint8 images, one per (prompt, seed), `batch` per compiled call (the last batch padded)."""
+def _sample_uint8(s, prompts: Sequence[str], seeds: Sequence[int], batch: int, num_steps: int | None,
+                  guidance_scale: float | None) -> list[np.ndarray]:
+  """uint8 images, one per (prompt, seed), through `t2i.sample.sample_in_batches`, with progress in the log; the
+  run's own sampler, and its steps and guidance unless given."""
   from data_pipelines import image_decode
+  from t2i.sample import sample_in_batches
+  cfg = s.config.sample
+  kw = dict(num_steps=int(num_steps or cfg.num_steps), sampler=cfg.get("sampler", "ddim"),
+            guidance_scale=float(cfg.guidance_scale if guidance_scale is None else guidance_scale))
   out: list[np.ndarray] = []
-  for b0 in range(0, len(prompts), batch):
-    chunk = list(range(b0, min(len(prompts), b0 + batch)))
-    pad = chunk + [chunk[-1]] * (batch - len(chunk))
-    imgs = s([prompts[i] for i in pad], [seeds[i] for i in pad], num_steps=steps, guidance_scale=g,
-             sampler=sampler)[:len(chunk)]
+  for imgs in sample_in_batches(s, list(prompts), list(seeds), batch, **kw):
     out.extend(image_decode.to_uint8(im) for im in imgs)
     logging.info("generated pairs: %d / %d samples", len(out), len(prompts))
   return out
@@ -97,12 +98,8 @@ def build_round(opponent_workdir: str, data_dir: str, real_dataset: str, num: in
   n = min(int(num), len(source))
   real = [source[i] for i in range(n)]
   captions = [common.text(r["caption"]) for r in real]
-  s = Sampler(opponent_workdir)
-  cfg = s.config.sample
-  gen = _sample_in_batches(s, captions, [seed * 1_000_003 + i for i in range(n)], batch,
-                           int(num_steps or cfg.num_steps),
-                           float(cfg.guidance_scale if guidance_scale is None else guidance_scale),
-                           cfg.get("sampler", "ddim"))
+  gen = _sample_uint8(Sampler(opponent_workdir), captions, [seed * 1_000_003 + i for i in range(n)], batch,
+                      num_steps, guidance_scale)
   rows: dict[str, list[Any]] = {"caption": captions, "jpg_0": [], "jpg_1": [png_bytes(im) for im in gen],
                                 "label_0": [1.0] * n}
   for r in real:
@@ -160,15 +157,11 @@ def build_judged(policy_workdir: str, data_dir: str, num_per_family: int, sample
     judge = lambda image, spec: score(image, spec)["passed"]
   from t2i.sample import Sampler
   s = Sampler(policy_workdir)
-  cfg = s.config.sample
   canvas = max(32, int(s.config.image_size))  # the prompts' (and their scenes') canvas, as in judged_prompts
   prompts = judged_prompts(num_per_family, seed, canvas)
   jobs = [(i, j) for i in range(len(prompts)) for j in range(samples)]
-  images = _sample_in_batches(s, [prompts[i]["prompt"] for i, _ in jobs],
-                              [seed * 1_000_003 + i * samples + j for i, j in jobs], batch,
-                              int(num_steps or cfg.num_steps),
-                              float(cfg.guidance_scale if guidance_scale is None else guidance_scale),
-                              cfg.get("sampler", "ddim"))
+  images = _sample_uint8(s, [prompts[i]["prompt"] for i, _ in jobs],
+                         [seed * 1_000_003 + i * samples + j for i, j in jobs], batch, num_steps, guidance_scale)
   rng = np.random.default_rng(seed)
   rows: dict[str, list[Any]] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
   stats: dict[str, Any] = {"prompts": len(prompts), "samples": len(images), "passed": {}, "pairs": {}}

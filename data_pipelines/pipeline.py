@@ -4,9 +4,10 @@
   batch = next(it)  # {"image": f32 [B, H, W, 3] in [-1, 1], "input_ids": i32 [B, L]}
   state = it.get_state(); ...; it.set_state(state)  # exact resume (JSON-serialisable)
 
-Order of work: global shuffle (by seed, reshuffled every epoch) -> repeat forever -> per-process stride
-shard -> decode + resize shorter side + crop (+ optional flip, caption dropout; randomness keyed by seed and
-global position) -> optional multiprocess prefetch -> skip-and-count corrupt samples, group into per-bucket
+Order of work: (optional mix of several data sets, each repeated `repeats` times per epoch) -> global
+shuffle (by seed, reshuffled every epoch) -> repeat forever -> per-process stride shard -> decode + resize
+shorter side + crop (+ optional flip; caption tag shuffle, trigger prefix, caption dropout; randomness keyed by
+seed and global position) -> optional multiprocess prefetch -> skip-and-count corrupt samples, group into per-bucket
 batches -> tokenise -> global `jax.Array`s on the mesh. `grain.checkpoint.CheckpointSave/CheckpointRestore`
 can save/restore the iterator with orbax.
 """
@@ -57,14 +58,78 @@ def default_data_config() -> ml_collections.ConfigDict:
       # quality_min are skipped and counted ("quality"), e.g. "data_pipelines.shapes.scoring.palette_fidelity_score".
       "quality_filter": "",
       "quality_min": 0.0,
+      # Captions (kohya-style): prefix prepended to every caption (a trigger word, e.g. "sks dog, "); tag shuffle
+      # of the comma-separated caption, keeping its first keep_tokens tags in place. Dropout still empties it all.
+      "caption_prefix": "",
+      "caption_shuffle": False,
+      "keep_tokens": 0,
+      # Several data sets in one run: [{"dataset": ..., "split": "train", "data_dir": data_dir, "repeats": 1,
+      # "caption_prefix": caption_prefix}, ...]; each is seen `repeats` times per epoch (e.g. a few subject
+      # images next to many class images). Empty: the one data set `dataset` / `split`.
+      "sources": (),
   })
+
+SOURCE_KEYS = {"dataset": None, "split": "train", "data_dir": None, "repeats": 1, "caption_prefix": None}
 
 
 # ---------------------------------------------------------------------------------------------- sources
+def source_entries(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """`cfg.sources` with defaults filled in (or the one `cfg.dataset` entry); bad entries raise naming the key."""
+  if not cfg.get("sources"):
+    return [{"dataset": cfg.dataset, "split": cfg.split, "data_dir": cfg.data_dir, "repeats": 1,
+             "caption_prefix": cfg.get("caption_prefix", "")}]
+  out = []
+  for i, entry in enumerate(cfg.sources):
+    entry = dict(entry)
+    unknown = sorted(set(entry) - set(SOURCE_KEYS))
+    if unknown:
+      raise ValueError(f"config.data.sources[{i}]: unknown key(s) {unknown}; expected {sorted(SOURCE_KEYS)}")
+    if not entry.get("dataset"):
+      raise ValueError(f"config.data.sources[{i}]: 'dataset' is required")
+    full = {**SOURCE_KEYS, "data_dir": cfg.data_dir, "caption_prefix": cfg.get("caption_prefix", ""), **entry}
+    if int(full["repeats"]) != full["repeats"] or full["repeats"] < 1:
+      raise ValueError(f"config.data.sources[{i}].repeats={full['repeats']!r} must be a positive integer")
+    out.append(full)
+  return out
+
+
+class MixedSource:
+  """Random-access concatenation of sources, source j repeated repeats[j] times; records gain "_source": j."""
+
+  def __init__(self, sources: Sequence[Any], repeats: Sequence[int]):
+    self._sources = list(sources)
+    self._starts = np.cumsum([0] + [len(s) * int(r) for s, r in zip(sources, repeats)])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    j = int(np.searchsorted(self._starts, index, side="right")) - 1
+    src = self._sources[j]
+    return {**src[(index - int(self._starts[j])) % len(src)], "_source": j}
+
+
 def make_source(cfg: ml_collections.ConfigDict):
-  """Random-access source of `cfg.dataset`/`cfg.split` under `cfg.data_dir` (for training, caching, eval)."""
+  """Random-access source of `cfg.dataset`/`cfg.split` under `cfg.data_dir`, or of the mix `cfg.sources`
+  (for training, caching, eval)."""
   from data_pipelines.tfds import common  # pylint: disable=g-import-not-at-top
-  return common.load_source(cfg.data_dir, cfg.dataset, cfg.split)
+  if not cfg.get("sources"):
+    return common.load_source(cfg.data_dir, cfg.dataset, cfg.split)
+  entries = source_entries(cfg)
+  return MixedSource([common.load_source(e["data_dir"], e["dataset"], e["split"]) for e in entries],
+                     [e["repeats"] for e in entries])
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
+  """Shuffles the comma-separated tags of `caption` after its first `keep_tokens` ones."""
+  tags = [t.strip() for t in caption.split(",")]
+  if len(tags) - keep_tokens < 2:
+    return caption
+  rest = tags[keep_tokens:]
+  return ", ".join(tags[:keep_tokens] + [rest[i] for i in rng.permutation(len(rest))])
 
 
 def prepare_shapes(data_dir: str | pathlib.Path, split: str = "train", num: int | None = None,
@@ -124,7 +189,7 @@ def _quality_fn(path: str) -> Callable[[np.ndarray, str], float]:
 
 
 def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collections.ConfigDict,
-             buckets: list[tuple[int, int]]) -> dict[str, Any]:
+             buckets: list[tuple[int, int]], prefixes: Sequence[str]) -> dict[str, Any]:
   """One raw record -> {"pos", "bucket", "image" uint8 [h, w, 3], "caption"} or {"pos", "skip": reason}."""
   rng = np.random.default_rng([cfg.seed, global_pos])
   u_drop, u_flip, u_top, u_left = rng.random(4)
@@ -152,6 +217,9 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
   imgs = [resize_crop(img, buckets[bucket], offset) for img in imgs]
   if cfg.flip and u_flip < 0.5:
     imgs = [img[:, ::-1] for img in imgs]
+  if cfg.caption_shuffle:
+    caption = shuffle_tags(caption, int(cfg.keep_tokens), np.random.default_rng([cfg.seed, global_pos, 1]))
+  caption = prefixes[record.get("_source", 0)] + caption
   if u_drop < cfg.caption_dropout:
     caption = ""
   out = {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(imgs[0]), "caption": caption}
@@ -266,7 +334,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer_fn: TokenizerF
     mesh: mesh with axes "data" and "fsdp"; None yields numpy arrays.
     seed: overrides `cfg.seed` (shuffle order and augmentation randomness).
     process_index, process_count: override `jax.process_index()` / `jax.process_count()` (tests).
-    source: random-access source overriding `make_source(cfg)`.
+    source: random-access source overriding `make_source(cfg)` (a `MixedSource` when `cfg.sources` is set).
   """
   full = default_data_config().to_dict()
   full.update(cfg.to_dict())  # keys missing from `cfg` take their defaults
@@ -291,12 +359,15 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer_fn: TokenizerF
       raise ValueError(f"config.buckets must be a list of positive (height, width) pairs, got {cfg.buckets}")
   else:
     buckets = [(cfg.image_size, cfg.image_size)]
+  if int(cfg.keep_tokens) < 0:
+    raise ValueError(f"config.keep_tokens={cfg.keep_tokens} must be >= 0")
+  prefixes = [str(e["caption_prefix"]) for e in source_entries(cfg)]
 
   source = make_source(cfg) if source is None else source
   if len(source) == 0:
     raise ValueError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty")
   ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat(None)[pi::pc]
-  elements = ds.map_with_index(lambda pos, r: _process(r, pos * pc + pi, pos, cfg, buckets))
+  elements = ds.map_with_index(lambda pos, r: _process(r, pos * pc + pi, pos, cfg, buckets, prefixes))
   it_ds = elements.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                      prefetch_buffer_size=cfg.prefetch_buffer_size))
   if cfg.worker_count > 0:

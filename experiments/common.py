@@ -106,6 +106,15 @@ def judged_pairs_data(prompts_per_family: int = 200) -> ml_collections.ConfigDic
                                         winner="sample", caption_dropout=0.0, flip=False, worker_count=0))
 
 
+def image_folder_data(flip: bool = False) -> ml_collections.ConfigDict:
+  """Data of the real-size experiments: an ingested image folder (`python -m data_pipelines.ingest`), or several
+  (`sources`: each with its own data_dir, repeats per epoch and trigger-word prefix), with kohya-style caption
+  handling (prefix, tag shuffle after keep_tokens tags); see `data_pipelines.pipeline.default_data_config`."""
+  return ml_collections.ConfigDict(dict(name="tfds", data_dir="", dataset="image_folder", split="train",
+                                        caption_dropout=0.0, caption_prefix="", caption_shuffle=False, keep_tokens=0,
+                                        sources=(), random_crop=True, flip=flip, worker_count=8))
+
+
 def smoke_schedule(c: ml_collections.ConfigDict, total_steps: int, ckpt_every: int, sample_every: int,
                    batch_size: int = 8, lr: float = 1e-3, warmup_steps: int = 2, schedule: str = "cosine",
                    weight_decay: float = 1e-2) -> None:

@@ -53,8 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder.config.max_position_embeddings = 77
   c.text_encoder_2 = t5_xxl(trainable=False, dtype="bfloat16", scan_layers=True)
   c.vae = common.module_config("t2i.models.vae.AutoencoderKL", preset="flux", dtype="bfloat16")
-  c.data = ml_collections.ConfigDict(dict(name="tfds", data_dir="", dataset="image_folder", split="train",
-                                          caption_dropout=0.0, random_crop=True, flip=False, worker_count=8))
+  c.data = common.image_folder_data(flip=False)
   c.sample = ml_collections.ConfigDict(dict(prompts=["a photo of an astronaut riding a horse"], num_steps=28,
                                             guidance_scale=3.5, sampler="euler", seed=0, true_cfg=1.0))
   if variant == "small":

@@ -29,8 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 param_dtype="float32", remat=True)
   c.text_encoder = clip_l(trainable=variant == "train_text", hidden_layer=-1, dtype="bfloat16")
   c.vae = common.module_config("t2i.models.vae.AutoencoderKL", preset="sd", dtype="bfloat16")
-  c.data = ml_collections.ConfigDict(dict(name="tfds", data_dir="", dataset="image_folder", split="train",
-                                          caption_dropout=0.0, random_crop=True, flip=False, worker_count=8))
+  c.data = common.image_folder_data(flip=False)
   c.sample = ml_collections.ConfigDict(dict(prompts=["a photo of an astronaut riding a horse"], num_steps=30,
                                             guidance_scale=7.5, sampler="ddim", seed=0))
   if variant not in ("default", "train_text"):

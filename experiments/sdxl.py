@@ -58,8 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_encoder = clip_l(trainable=False, hidden_layer=-2, dtype="bfloat16")
   c.text_encoder_2 = clip_bigg(trainable=False, hidden_layer=-2, dtype="bfloat16")
   c.vae = common.module_config("t2i.models.vae.AutoencoderKL", preset="sdxl", dtype="bfloat16")
-  c.data = ml_collections.ConfigDict(dict(name="tfds", data_dir="", dataset="image_folder", split="train",
-                                          caption_dropout=0.0, random_crop=True, flip=True, worker_count=8))
+  c.data = common.image_folder_data(flip=True)
   c.sample = ml_collections.ConfigDict(dict(prompts=["a photo of an astronaut riding a horse"], num_steps=30,
                                             guidance_scale=5.0, sampler="ddim", seed=0))
   if variant == "small":

@@ -104,6 +104,80 @@ def test_caption_dropout_rate():
   assert not next(it)["input_ids"].any()
 
 
+def test_caption_tag_shuffle_keeps_leading_tags_and_prefix():
+  records = [{"image": r["image"], "caption": f"subject {i}, red, large, left, plain background".encode()}
+             for i, r in enumerate(make_records(8))]
+  cfg = config(caption_shuffle=True, keep_tokens=1, caption_prefix="sks, ")
+  caps = [c for b in take(pipeline.make_train_iterator(cfg, hash_tokenizer, 4, source=records, seed=1), 8)
+          for c in b["caption"]]
+  again = [c for b in take(pipeline.make_train_iterator(cfg, hash_tokenizer, 4, source=records, seed=1), 8)
+           for c in b["caption"]]
+  assert caps == again  # keyed by (seed, position): a resumed run sees the same captions
+  for c in caps:
+    tags = c.split(", ")
+    assert tags[0] == "sks" and tags[1].startswith("subject ")  # prefix, then the kept leading tag
+    assert sorted(tags[2:]) == ["large", "left", "plain background", "red"]
+  orders = {tuple(c.split(", ")[2:]) for c in caps}
+  assert len(orders) > 4  # 32 draws of 24 orders: really shuffled
+  # An epoch's second visit of a record draws another order (the position, not the record, keys it).
+  by_subject = collections.defaultdict(set)
+  for c in caps:
+    by_subject[c.split(", ")[1]].add(c)
+  assert max(len(v) for v in by_subject.values()) > 1
+  # Dropout still empties the whole caption, trigger word included.
+  it = pipeline.make_train_iterator(config(caption_dropout=1.0, caption_prefix="sks, "), hash_tokenizer, 2,
+                                    source=records)
+  assert take(it, 1)[0]["caption"] == ["", ""]
+
+
+def test_mixed_sources_repeat_and_prefix_per_source(tmp_path):
+  small, large = make_records(3), make_records(7)[3:]  # 3 "subject" and 4 "class" records
+  cfg = config(sources=[{"dataset": "subject", "repeats": 4, "caption_prefix": "sks "},
+                        {"dataset": "class", "caption_prefix": ""}])
+  mixed = pipeline.MixedSource([small, large], [4, 1])
+  assert len(mixed) == 16 and mixed[11]["_source"] == 0 and mixed[12]["caption"] == large[0]["caption"]
+  it = pipeline.make_train_iterator(cfg, hash_tokenizer, 4, source=mixed, seed=2)
+  caps = [c for b in take(it, 8) for c in b["caption"]]  # 32 samples = 2 epochs of 16
+  for epoch in (caps[:16], caps[16:]):
+    counts = collections.Counter(epoch)
+    assert all(counts[f"sks item {i} 24x24"] == 4 for i in range(3))  # each subject image 4x per epoch
+    assert all(counts[f"item {i} 24x24"] == 1 for i in range(3, 7))  # class images once, without the prefix
+  assert caps[:16] != caps[16:]  # reshuffled per epoch
+  # Resume mid-epoch gives the same following batches.
+  it = pipeline.make_train_iterator(cfg, hash_tokenizer, 4, source=mixed, seed=2)
+  take(it, 3)
+  state = it.get_state()
+  rest = take(it, 3)
+  it2 = pipeline.make_train_iterator(cfg, hash_tokenizer, 4, source=mixed, seed=2)
+  it2.set_state(state)
+  assert [b["caption"] for b in take(it2, 3)] == [b["caption"] for b in rest]
+  # Bad entries name the key.
+  with pytest.raises(ValueError, match=r"sources\[1\]: unknown key\(s\) \['repeat'\]"):
+    pipeline.make_train_iterator(config(sources=[{"dataset": "a"}, {"dataset": "b", "repeat": 2}]),
+                                 hash_tokenizer, 2, source=mixed)
+  with pytest.raises(ValueError, match=r"sources\[0\].repeats=0"):
+    pipeline.make_train_iterator(config(sources=[{"dataset": "a", "repeats": 0}]), hash_tokenizer, 2, source=mixed)
+  with pytest.raises(ValueError, match="keep_tokens"):
+    pipeline.make_train_iterator(config(keep_tokens=-1), hash_tokenizer, 2, source=small)
+
+
+def test_mixed_sources_read_two_ingested_folders(tmp_path):
+  from data_pipelines import ingest
+  for name, n in (("subject", 2), ("class", 3)):
+    src = tmp_path / name
+    src.mkdir()
+    for i in range(n):
+      Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(src / f"{i}.png")
+      (src / f"{i}.txt").write_text(f"{name} {i}")
+    ingest.ingest_folder(src, tmp_path / f"data_{name}", verbose=False)
+  cfg = config(sources=[{"dataset": "image_folder", "data_dir": str(tmp_path / "data_subject"), "repeats": 3,
+                         "caption_prefix": "sks "},
+                        {"dataset": "image_folder", "data_dir": str(tmp_path / "data_class")}])
+  it = pipeline.make_train_iterator(cfg, hash_tokenizer, 3, seed=0)
+  caps = collections.Counter(c for b in take(it, 3) for c in b["caption"])  # one epoch: 2 x 3 + 3
+  assert caps == {"sks subject 0": 3, "sks subject 1": 3, "class 0": 1, "class 1": 1, "class 2": 1}
+
+
 def test_flip_option():
   records = make_records(4)
   ref = take(pipeline.make_train_iterator(config(), hash_tokenizer, 4, source=records), 5)

@@ -64,20 +64,23 @@ def default_data_config() -> ml_collections.ConfigDict:
       "caption_shuffle": False,
       "keep_tokens": 0,
       # Several data sets in one run: [{"dataset": ..., "split": "train", "data_dir": data_dir, "repeats": 1,
-      # "caption_prefix": caption_prefix}, ...]; each is seen `repeats` times per epoch (e.g. a few subject
-      # images next to many class images). Empty: the one data set `dataset` / `split`.
+      # "caption_prefix": caption_prefix, "loss_weight": 1.0}, ...]; each is seen `repeats` times per epoch (e.g. a
+      # few subject images next to many class images); a loss_weight other than 1 anywhere gives batches a
+      # "loss_weight" [B] that scales each sample's loss (DreamBooth's prior-preservation weight). Empty: the one
+      # data set `dataset` / `split`.
       "sources": (),
   })
 
-SOURCE_KEYS = {"dataset": None, "split": "train", "data_dir": None, "repeats": 1, "caption_prefix": None}
+SOURCE_KEYS = {"dataset": None, "split": "train", "data_dir": None, "repeats": 1, "caption_prefix": None,
+               "loss_weight": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------- sources
 def source_entries(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """`cfg.sources` with defaults filled in (or the one `cfg.dataset` entry); bad entries raise naming the key."""
   if not cfg.get("sources"):
-    return [{"dataset": cfg.dataset, "split": cfg.split, "data_dir": cfg.data_dir, "repeats": 1,
-             "caption_prefix": cfg.get("caption_prefix", "")}]
+    return [{"dataset": cfg.get("dataset"), "split": cfg.get("split", "train"), "data_dir": cfg.get("data_dir"),
+             "repeats": 1, "caption_prefix": cfg.get("caption_prefix", ""), "loss_weight": 1.0}]
   out = []
   for i, entry in enumerate(cfg.sources):
     entry = dict(entry)
@@ -89,8 +92,15 @@ def source_entries(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     full = {**SOURCE_KEYS, "data_dir": cfg.data_dir, "caption_prefix": cfg.get("caption_prefix", ""), **entry}
     if int(full["repeats"]) != full["repeats"] or full["repeats"] < 1:
       raise ValueError(f"config.data.sources[{i}].repeats={full['repeats']!r} must be a positive integer")
+    if not float(full["loss_weight"]) >= 0:
+      raise ValueError(f"config.data.sources[{i}].loss_weight={full['loss_weight']!r} must be >= 0")
     out.append(full)
   return out
+
+
+def has_loss_weights(cfg: Any) -> bool:
+  """Whether batches of data config `cfg` carry "loss_weight" (some source weighs its samples other than 1)."""
+  return any(float(e["loss_weight"]) != 1.0 for e in source_entries(ml_collections.ConfigDict(dict(cfg))))
 
 
 class MixedSource:
@@ -189,7 +199,8 @@ def _quality_fn(path: str) -> Callable[[np.ndarray, str], float]:
 
 
 def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collections.ConfigDict,
-             buckets: list[tuple[int, int]], prefixes: Sequence[str]) -> dict[str, Any]:
+             buckets: list[tuple[int, int]], prefixes: Sequence[str],
+             loss_weights: Sequence[float] | None) -> dict[str, Any]:
   """One raw record -> {"pos", "bucket", "image" uint8 [h, w, 3], "caption"} or {"pos", "skip": reason}."""
   rng = np.random.default_rng([cfg.seed, global_pos])
   u_drop, u_flip, u_top, u_left = rng.random(4)
@@ -223,6 +234,8 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
   if u_drop < cfg.caption_dropout:
     caption = ""
   out = {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(imgs[0]), "caption": caption}
+  if loss_weights is not None:
+    out["loss_weight"] = np.float32(loss_weights[record.get("_source", 0)])
   if cfg.pair:
     out["image_l"] = np.ascontiguousarray(imgs[1])
   return out
@@ -254,8 +267,9 @@ class _BucketBatchIterator(grain.DatasetIterator):
         del self._buffers[el["bucket"]]
         out = {"image": np.stack([e["image"] for e in buf]), "caption": [e["caption"] for e in buf],
                "pos": np.array([e["pos"] for e in buf], np.int64)}
-        if "image_l" in el:
-          out["image_l"] = np.stack([e["image_l"] for e in buf])
+        for key in ("image_l", "loss_weight"):
+          if key in el:
+            out[key] = np.stack([e[key] for e in buf])
         return out
 
   def get_state(self) -> dict[str, Any]:
@@ -303,6 +317,8 @@ class TrainIterator(grain.DatasetIterator):
     batch = {"image": image_decode.to_float(b["image"]), "input_ids": ids.astype(np.int32)}
     if "image_l" in b:
       batch["image_l"] = image_decode.to_float(b["image_l"])
+    if "loss_weight" in b:
+      batch["loss_weight"] = b["loss_weight"]
     self.last_host_batch = {"caption": b["caption"], "pos": b["pos"]}
     if self._sharding is not None:
       batch = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
@@ -361,13 +377,16 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer_fn: TokenizerF
     buckets = [(cfg.image_size, cfg.image_size)]
   if int(cfg.keep_tokens) < 0:
     raise ValueError(f"config.keep_tokens={cfg.keep_tokens} must be >= 0")
-  prefixes = [str(e["caption_prefix"]) for e in source_entries(cfg)]
+  entries = source_entries(cfg)
+  prefixes = [str(e["caption_prefix"]) for e in entries]
+  loss_weights = [float(e["loss_weight"]) for e in entries] if has_loss_weights(cfg) else None
 
   source = make_source(cfg) if source is None else source
   if len(source) == 0:
     raise ValueError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty")
   ds = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat(None)[pi::pc]
-  elements = ds.map_with_index(lambda pos, r: _process(r, pos * pc + pi, pos, cfg, buckets, prefixes))
+  elements = ds.map_with_index(lambda pos, r: _process(r, pos * pc + pi, pos, cfg, buckets, prefixes,
+                                                                loss_weights))
   it_ds = elements.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                      prefetch_buffer_size=cfg.prefetch_buffer_size))
   if cfg.worker_count > 0:

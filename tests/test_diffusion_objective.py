@@ -164,13 +164,15 @@ def _toy_denoiser(x, t, cond):
   return 0.5 * x + 0.001 * t[:, None, None, None].astype(x.dtype) + cond["bias"][:, None, None, :]
 
 
-LOSS_CASES = [  # (prediction_type, snr_gamma, loss_type, use_mask)
-    ("epsilon", None, "l2", False),
-    ("epsilon", 5.0, "l1", True),
-    ("v_prediction", 5.0, "l2", False),
-    ("v_prediction", None, "huber", True),
-    ("sample", 1.0, "l2", False),
+LOSS_CASES = [  # (prediction_type, snr_gamma, loss_type, use_mask, per-example weights)
+    ("epsilon", None, "l2", False, False),
+    ("epsilon", 5.0, "l1", True, False),
+    ("v_prediction", 5.0, "l2", False, True),
+    ("v_prediction", None, "huber", True, False),
+    ("sample", 1.0, "l2", False, False),
+    ("sample", 1.0, "l2", False, True),
 ]
+SAMPLE_WEIGHT = np.array([1.0, 0.0, 0.5, 2.0], np.float32)  # e.g. subject vs prior-preservation images
 
 
 def test_diffusion_loss_against_numpy():
@@ -184,7 +186,8 @@ def test_diffusion_loss_against_numpy():
   @jax.jit
   def run(x, c, r):  # all cases in one compilation
     outs = [D.diffusion_loss(_toy_denoiser, x, c, r, s, prediction_type=pt, snr_gamma=g, noise_offset=0.05,
-                             loss_type=lt, mask=mask if um else None) for pt, g, lt, um in LOSS_CASES]
+                             loss_type=lt, mask=mask if um else None, sample_weight=SAMPLE_WEIGHT if uw else None)
+            for pt, g, lt, um, uw in LOSS_CASES]
     return outs, D.sample_noise_and_t(r, x.shape, s, 0.05)
   outs, (noise, t) = run(x0, cond, rng)
   # numpy hand computation, with the same noise and t.
@@ -193,7 +196,7 @@ def test_diffusion_loss_against_numpy():
   x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
   pred = 0.5 * x_t + 0.001 * t[:, None, None, None] + cond["bias"][:, None, None, :]
   snr = ac[t] / (1 - ac[t])
-  for (prediction_type, snr_gamma, loss_type, use_mask), (loss, metrics) in zip(LOSS_CASES, outs):
+  for (prediction_type, snr_gamma, loss_type, use_mask, use_weight), (loss, metrics) in zip(LOSS_CASES, outs):
     tgt = {"epsilon": noise, "v_prediction": np.sqrt(a) * noise - np.sqrt(1 - a) * x0, "sample": x0}[prediction_type]
     d = pred - tgt
     err = {"l2": d ** 2, "l1": np.abs(d), "huber": 0.2 * (np.sqrt(d ** 2 + 0.01) - 0.1)}[loss_type]
@@ -204,7 +207,7 @@ def test_diffusion_loss_against_numpy():
     else:
       w = {"epsilon": np.minimum(snr, snr_gamma) / snr, "v_prediction": np.minimum(snr, snr_gamma) / (snr + 1),
            "sample": np.minimum(snr, snr_gamma)}[prediction_type]
-    np.testing.assert_allclose(float(loss), (per_ex * w).mean(), rtol=2e-5)
+    np.testing.assert_allclose(float(loss), (per_ex * w * (SAMPLE_WEIGHT if use_weight else 1.0)).mean(), rtol=2e-5)
     np.testing.assert_allclose(float(metrics["mse"]), ((d ** 2 * m).sum((1, 2, 3)) / m.sum((1, 2, 3))).mean(),
                                rtol=2e-5)
     np.testing.assert_allclose(float(metrics["weight_mean"]), w.mean(), rtol=2e-5)

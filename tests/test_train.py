@@ -77,6 +77,32 @@ def test_lr_scale_in_the_train_loop(tmp_path):
     assert np.array_equal(a, b) != moved, group
 
 
+def test_weighted_sources_in_the_train_loop(tmp_path):
+  """Per-source loss weights (DreamBooth-style prior preservation) reach the loss through the one loop: two
+  ingested folders weighted 0 give loss and gradient exactly 0; weighted 1 and 0.5 the loss is nonzero."""
+  from PIL import Image
+  from data_pipelines import ingest
+  from experiments import sd_shapes
+  from t2i.train import loop
+  for name in ("subject", "class"):
+    (tmp_path / name).mkdir()
+    for i in range(4):
+      Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
+      (tmp_path / name / f"{i}.txt").write_text(f"a {name} {i}")
+    ingest.ingest_folder(tmp_path / name, tmp_path / f"data_{name}", verbose=False)
+  for weights, zero in (((0.0, 0.0), True), ((1.0, 0.5), False)):
+    cfg = sd_shapes.get_config("smoke")
+    cfg.total_steps, cfg.eval.every = 2, 0
+    cfg.data = ml_collections.ConfigDict(dict(name="tfds", data_dir=str(tmp_path), caption_dropout=0.0,
+                                              sources=tuple({"dataset": "image_folder",
+                                                             "data_dir": str(tmp_path / f"data_{n}"),
+                                                             "repeats": 2 - i, "loss_weight": w}
+                                                            for i, (n, w) in enumerate(zip(("subject", "class"),
+                                                                                           weights)))))
+    m = loop.train(cfg, str(tmp_path / f"run_{weights}"))
+    assert (float(m["loss"]) == 0.0 and float(m["grad_norm"]) == 0.0) == zero, (weights, m)
+
+
 def test_lion_and_adafactor_first_step():
   """Lion's and Adafactor's first update is -lr * (sign(g) + wd * p) (Adafactor: exact for a rank-1 g**2);
   Adafactor keeps a row and a column vector for a factored matrix instead of a full second moment."""

@@ -285,7 +285,8 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
                    prediction_type: str = "epsilon", snr_gamma: float | None = None, weight_floor: float = 0.0,
                    noise_offset: float = 0.0, loss_type: str = "l2", huber_c: float = 0.1,
                    mask: jax.Array | None = None, self_condition: float = 0.0, t_sampler: str = "uniform",
-                   logit_mean: float = 0.0, logit_std: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   logit_mean: float = 0.0, logit_std: float = 1.0,
+                   sample_weight: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Denoising loss: mean over the batch of `per_example_error` at timesteps drawn per `t_sampler`.
 
   Args:
@@ -299,6 +300,7 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
       the trained pass; otherwise the trained pass sees [x_t, 0]. The sampler feeds each step the previous step's
       x0 estimate, so the network learns to refine its own estimate.
     t_sampler, logit_mean, logit_std: the timestep density (`sample_noise_and_t`).
+    sample_weight: optional [B] factors on each example's loss (e.g. DreamBooth's prior-preservation weight).
   Returns:
     (scalar loss, metrics) where metrics holds "loss", "mse" (unweighted) and "weight_mean".
   """
@@ -320,6 +322,6 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
   tgt = target(schedule, x0, noise, t, prediction_type)
   w = loss_weights(schedule, t, prediction_type, snr_gamma, weight_floor)
   per_ex = per_example_error(pred, tgt, w, mask, loss_type=loss_type, huber_c=huber_c)
-  loss = jnp.mean(per_ex)
+  loss = jnp.mean(per_ex if sample_weight is None else per_ex * sample_weight)
   mse = jnp.mean(per_example_error(jax.lax.stop_gradient(pred), tgt, None, mask, loss_type="l2"))
   return loss, {"loss": loss, "mse": mse, "weight_mean": jnp.mean(w)}

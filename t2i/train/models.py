@@ -199,11 +199,15 @@ class T2IModels:
     return init_fns(self)
 
   def batch_shapes(self, batch_size: int, pair: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """"image" [B, S, S, 3] float32 in [-1, 1], "input_ids" [B, L] int32 (+ "image_l" for pair objectives)."""
+    """"image" [B, S, S, 3] float32 in [-1, 1], "input_ids" [B, L] int32 (+ "image_l" for pair objectives,
+    + "loss_weight" [B] float32 when a data source weighs its samples: `pipeline.has_loss_weights`)."""
+    from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
     s = self.image_size
     shapes = {"image": ((batch_size, s, s, 3), jnp.float32), "input_ids": ((batch_size, self.max_length), jnp.int32)}
     if pair:
       shapes["image_l"] = shapes["image"]
+    if self.config.get("data") is not None and pipeline.has_loss_weights(self.config.data):
+      shapes["loss_weight"] = ((batch_size,), jnp.float32)
     return shapes
 
   def noise(self, seeds: jax.Array) -> jax.Array:

@@ -133,7 +133,7 @@ def diffusion_loss(params, frozen, batch, rng, models):
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
       weight_floor=float(cfg.get("weight_floor") or 0.0), noise_offset=float(cfg.get("noise_offset", 0.0)),
       loss_type=cfg.get("loss_type", "l2"), self_condition=models.self_condition,
-      **_t_kw(models, "diffusion", "uniform"))
+      sample_weight=batch.get("loss_weight"), **_t_kw(models, "diffusion", "uniform"))
 
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,
@@ -172,7 +172,7 @@ def flow_loss(params, frozen, batch, rng, models):
   cond = _with_guidance(cond, models, float(cfg.get("train_guidance", 1.0)))
   x0 = latents(p, batch, r_lat, models)
   return flow.flow_loss(_denoise_fn(p, models), x0, cond, r_loss, loss_type=cfg.get("loss_type", "l2"),
-                        **_flow_t_kw(models))
+                        weighting=batch.get("loss_weight"), **_flow_t_kw(models))
 
 
 def flow_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int, guidance_scale: Any,

@@ -86,19 +86,29 @@ class Normalized(NamedTuple):
   height: int
   width: int
   source_mode: str  # PIL mode before conversion, e.g. "CMYK", "I;16", "RGBA"
+  mask_png: bytes = b""  # the alpha channel as 8-bit greyscale PNG, b"" when the image has none
+
+
+def _alpha(img: Image.Image) -> Image.Image | None:
+  """The alpha channel of `img` (mode "L") or None when it has no transparency."""
+  if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "RGBa", "La"):
+    img = img.convert("RGBA")
+  if img.mode in ("RGBA", "LA"):
+    return img.getchannel("A")
+  return None
 
 
 def normalize_image(data: bytes, min_size: int = 2) -> Normalized:
   """Validates encoded image bytes and re-encodes them as 8-bit RGB PNG.
 
-  Applies the EXIF orientation. Raises SkipSample when the bytes are empty, truncated or unreadable, or
-  when the shorter side is below `min_size`.
-
+  Applies the EXIF orientation. Keeps the alpha channel, if any, as `mask_png` (for masked losses). Raises
+  SkipSample when the bytes are empty, truncated or unreadable, or when the shorter side is below `min_size`.
   """
   img = open_image(data)
   mode = img.mode
   try:
     img = ImageOps.exif_transpose(img)
+    alpha = _alpha(img)
     img = to_rgb(img)
   except Exception as e:  # broken EXIF or exotic modes
     raise SkipSample(f"unreadable image: cannot convert mode {img.mode}: {e}") from e
@@ -107,7 +117,23 @@ def normalize_image(data: bytes, min_size: int = 2) -> Normalized:
     raise SkipSample(f"image too small: {w}x{h} < min_size {min_size}")
   out = io.BytesIO()
   img.save(out, format="PNG", compress_level=3)
-  return Normalized(out.getvalue(), h, w, mode)
+  mask = b""
+  if alpha is not None:
+    buf = io.BytesIO()
+    alpha.save(buf, format="PNG", compress_level=3)
+    mask = buf.getvalue()
+  return Normalized(out.getvalue(), h, w, mode, mask)
+
+
+def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+  """Stored mask bytes -> uint8 [H, W] (255 = train on this pixel); b"" (no alpha) -> all 255 of `shape`."""
+  if not data:
+    return np.full(shape, 255, np.uint8)
+  img = open_image(data)
+  mask = np.asarray(img.convert("L") if img.mode != "L" else img, dtype=np.uint8)
+  if mask.shape != tuple(shape):
+    raise SkipSample(f"mask shape {mask.shape} != image shape {tuple(shape)}")
+  return mask
 
 
 def decode_rgb(data: bytes) -> np.ndarray:

@@ -35,6 +35,7 @@ class Example:
   height: int
   width: int
   source_mode: str
+  mask_png: bytes = b""
 
 
 @dataclasses.dataclass
@@ -147,7 +148,7 @@ def iter_folder(src: str | pathlib.Path, manifest: str | pathlib.Path | None = N
     except image_decode.SkipSample as e:
       yield Skip(rel, e.reason)
       continue
-    yield Example(rel, norm.png, caption, norm.height, norm.width, norm.source_mode)
+    yield Example(rel, norm.png, caption, norm.height, norm.width, norm.source_mode, norm.mask_png)
 
 
 def ingest_folder(src: str | pathlib.Path, data_dir: str | pathlib.Path, manifest: str | None = None,

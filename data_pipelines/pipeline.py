@@ -63,6 +63,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       "caption_prefix": "",
       "caption_shuffle": False,
       "keep_tokens": 0,
+      # Masked loss: batches get "mask" f32 [B, H, W, 1] in [0, 1] from each record's mask_key field (ingest keeps
+      # an image's alpha channel there; records without one train on every pixel), cropped like the image.
+      "alpha_mask": False,
+      "mask_key": "mask",
       # Several data sets in one run: [{"dataset": ..., "split": "train", "data_dir": data_dir, "repeats": 1,
       # "caption_prefix": caption_prefix, "loss_weight": 1.0}, ...]; each is seen `repeats` times per epoch (e.g. a
       # few subject images next to many class images); a loss_weight other than 1 anywhere gives batches a
@@ -212,6 +216,8 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
     record, keys = preference.winner_first(record), ("jpg_w", "jpg_l")
   try:
     imgs = [image_decode.decode_rgb(record[k]) for k in keys]
+    if cfg.alpha_mask and not cfg.pair:
+      imgs.append(image_decode.decode_mask(record.get(cfg.mask_key, b""), imgs[0].shape[:2]))
   except image_decode.SkipSample as e:
     return {"pos": pos, "skip": e.reason}
   except KeyError as e:
@@ -236,6 +242,8 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
   out = {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(imgs[0]), "caption": caption}
   if loss_weights is not None:
     out["loss_weight"] = np.float32(loss_weights[record.get("_source", 0)])
+  if cfg.alpha_mask and not cfg.pair:
+    out["mask"] = np.ascontiguousarray(imgs[-1])
   if cfg.pair:
     out["image_l"] = np.ascontiguousarray(imgs[1])
   return out
@@ -267,7 +275,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
         del self._buffers[el["bucket"]]
         out = {"image": np.stack([e["image"] for e in buf]), "caption": [e["caption"] for e in buf],
                "pos": np.array([e["pos"] for e in buf], np.int64)}
-        for key in ("image_l", "loss_weight"):
+        for key in ("image_l", "loss_weight", "mask"):
           if key in el:
             out[key] = np.stack([e[key] for e in buf])
         return out
@@ -319,6 +327,8 @@ class TrainIterator(grain.DatasetIterator):
       batch["image_l"] = image_decode.to_float(b["image_l"])
     if "loss_weight" in b:
       batch["loss_weight"] = b["loss_weight"]
+    if "mask" in b:
+      batch["mask"] = b["mask"][..., None].astype(np.float32) * np.float32(1 / 255)
     self.last_host_batch = {"caption": b["caption"], "pos": b["pos"]}
     if self._sharding is not None:
       batch = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
@@ -375,6 +385,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer_fn: TokenizerF
       raise ValueError(f"config.buckets must be a list of positive (height, width) pairs, got {cfg.buckets}")
   else:
     buckets = [(cfg.image_size, cfg.image_size)]
+  if cfg.alpha_mask and cfg.pair:
+    raise ValueError("config.alpha_mask is not supported with preference pairs (config.pair)")
   if int(cfg.keep_tokens) < 0:
     raise ValueError(f"config.keep_tokens={cfg.keep_tokens} must be >= 0")
   entries = source_entries(cfg)

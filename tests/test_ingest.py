@@ -105,6 +105,9 @@ def test_kept_records_are_normalised_rgb_png(ingested):
   rgba = np.asarray(Image.open(io.BytesIO(records["rgba.png"]["image"])))
   np.testing.assert_array_equal(rgba[0, 0], [255, 255, 255])  # transparent -> white
   np.testing.assert_array_equal(rgba[0, 30], [200, 0, 0])
+  alpha = np.asarray(Image.open(io.BytesIO(records["rgba.png"]["mask"])))  # kept for config.data.alpha_mask
+  assert alpha.shape == (40, 40) and (alpha[:, :20] == 0).all() and (alpha[:, 20:] == 255).all()
+  assert all(r["mask"] == b"" for n, r in records.items() if n != "rgba.png")  # no alpha: no mask
   grey = np.asarray(Image.open(io.BytesIO(records["grey.png"]["image"])))
   assert np.all(grey[..., 0] == grey[..., 1])
 

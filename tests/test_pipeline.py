@@ -178,6 +178,28 @@ def test_mixed_sources_read_two_ingested_folders(tmp_path):
   assert caps == {"sks subject 0": 3, "sks subject 1": 3, "class 0": 1, "class 1": 1, "class 2": 1}
 
 
+def test_alpha_mask_is_cropped_and_flipped_like_the_image():
+  """The mask rides with its image through resize, random crop and flip; records without one train everywhere."""
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(6):
+    h, w = (24, 40) if i % 2 else (40, 24)
+    grey = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    records.append({"image": _png(np.repeat(grey[..., None], 3, -1)), "caption": f"item {i}".encode(),
+                    "mask": _png(grey) if i < 5 else b""})
+  cfg = config(alpha_mask=True, random_crop=True, flip=True)
+  for b in take(pipeline.make_train_iterator(cfg, hash_tokenizer, 3, source=records, seed=4), 4):
+    assert b["mask"].shape == (3, 16, 16, 1) and b["mask"].dtype == np.float32
+    for img, mask, cap in zip(b["image"], b["mask"], b["caption"]):
+      if cap == "item 5":
+        assert (mask == 1.0).all()
+      else:
+        np.testing.assert_allclose(mask[..., 0], (img[..., 0] + 1) / 2, atol=1 / 255 + 1e-6)
+  assert "mask" not in next(pipeline.make_train_iterator(config(), hash_tokenizer, 3, source=records))
+  with pytest.raises(ValueError, match="alpha_mask"):
+    pipeline.make_train_iterator(config(alpha_mask=True, pair=True), hash_tokenizer, 2, source=records)
+
+
 def test_flip_option():
   records = make_records(4)
   ref = take(pipeline.make_train_iterator(config(), hash_tokenizer, 4, source=records), 5)

@@ -77,30 +77,56 @@ def test_lr_scale_in_the_train_loop(tmp_path):
     assert np.array_equal(a, b) != moved, group
 
 
-def test_weighted_sources_in_the_train_loop(tmp_path):
-  """Per-source loss weights (DreamBooth-style prior preservation) reach the loss through the one loop: two
-  ingested folders weighted 0 give loss and gradient exactly 0; weighted 1 and 0.5 the loss is nonzero."""
+def _ingest_folders(tmp_path, alpha: int | None = None, size: int = 16) -> None:
+  """Folders "subject" and "class" of 4 flat images each (RGBA with alpha `alpha` unless None), ingested."""
   from PIL import Image
   from data_pipelines import ingest
-  from experiments import sd_shapes
-  from t2i.train import loop
   for name in ("subject", "class"):
     (tmp_path / name).mkdir()
     for i in range(4):
-      Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
+      pixels = np.full((size, size, 3 if alpha is None else 4), 60 * i, np.uint8)
+      if alpha is not None:
+        pixels[..., 3] = alpha
+      Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
       (tmp_path / name / f"{i}.txt").write_text(f"a {name} {i}")
     ingest.ingest_folder(tmp_path / name, tmp_path / f"data_{name}", verbose=False)
+
+
+def _sources(tmp_path, weights=(1.0, 1.0)) -> tuple:
+  return tuple({"dataset": "image_folder", "data_dir": str(tmp_path / f"data_{n}"), "repeats": 2 - i,
+                "loss_weight": w} for i, (n, w) in enumerate(zip(("subject", "class"), weights)))
+
+
+def test_weighted_sources_in_the_train_loop(tmp_path):
+  """Per-source loss weights (DreamBooth-style prior preservation) reach the loss through the one loop: two
+  ingested folders weighted 0 give loss and gradient exactly 0; weighted 1 and 0.5 the loss is nonzero."""
+  from experiments import sd_shapes
+  from t2i.train import loop
+  _ingest_folders(tmp_path)
   for weights, zero in (((0.0, 0.0), True), ((1.0, 0.5), False)):
     cfg = sd_shapes.get_config("smoke")
     cfg.total_steps, cfg.eval.every = 2, 0
     cfg.data = ml_collections.ConfigDict(dict(name="tfds", data_dir=str(tmp_path), caption_dropout=0.0,
-                                              sources=tuple({"dataset": "image_folder",
-                                                             "data_dir": str(tmp_path / f"data_{n}"),
-                                                             "repeats": 2 - i, "loss_weight": w}
-                                                            for i, (n, w) in enumerate(zip(("subject", "class"),
-                                                                                           weights)))))
+                                              sources=_sources(tmp_path, weights)))
     m = loop.train(cfg, str(tmp_path / f"run_{weights}"))
     assert (float(m["loss"]) == 0.0 and float(m["grad_norm"]) == 0.0) == zero, (weights, m)
+
+
+@pytest.mark.parametrize("experiment,cases", [("sd_shapes", (True, False)), ("flux_shapes_pretrain", (True,))])
+def test_alpha_mask_in_the_train_loop(tmp_path, experiment, cases):
+  """config.data.alpha_mask: fully transparent images (alpha kept by ingest) give loss and gradient exactly 0 for
+  the U-Net and the MMDiT (packed latents); the same images without the option train on every pixel."""
+  import importlib
+  from t2i.train import loop
+  _ingest_folders(tmp_path, alpha=0)
+  for masked in cases:
+    cfg = importlib.import_module(f"experiments.{experiment}").get_config("smoke")
+    cfg.total_steps = 2
+    cfg.eval = ml_collections.ConfigDict(dict(every=0))
+    cfg.data = ml_collections.ConfigDict(dict(name="tfds", data_dir=str(tmp_path), caption_dropout=0.0,
+                                              sources=_sources(tmp_path), alpha_mask=masked))
+    m = loop.train(cfg, str(tmp_path / f"run_{masked}"))
+    assert (float(m["loss"]) == 0.0 and float(m["grad_norm"]) == 0.0) == masked, (masked, m)
 
 
 def test_lion_and_adafactor_first_step():

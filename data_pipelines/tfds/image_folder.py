@@ -14,7 +14,8 @@ from data_pipelines.tfds import common
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Images + captions from a local folder; all records go to split "train"."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": 'feature "mask": the alpha channel as greyscale PNG (b"" when none)'}
 
   def __init__(self, *, src: str | None = None, manifest: str | None = None, min_size: int = 2, **kwargs):
     self._src, self._manifest, self._min_size = src, manifest, min_size
@@ -29,6 +30,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "id": tfds.features.Text(doc="path relative to the source folder"),
             "image": common.bytes_feature("PNG bytes, RGB uint8"),
+            "mask": common.bytes_feature("alpha channel as greyscale PNG bytes; empty when the image has none"),
             "caption": tfds.features.Text(),
             "height": tfds.features.Scalar(dtype=np.int32),
             "width": tfds.features.Scalar(dtype=np.int32),
@@ -51,5 +53,5 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         continue
       if item.source_mode != "RGB":
         self.converted.append({"file": item.file, "mode": item.source_mode})
-      yield item.file, {"id": item.file, "image": item.png, "caption": item.caption,
+      yield item.file, {"id": item.file, "image": item.png, "mask": item.mask_png, "caption": item.caption,
                         "height": item.height, "width": item.width}

@@ -66,6 +66,17 @@ def latents(p: dict, batch: dict, rng: jax.Array, models, key: str = "image") ->
   return models.to_latents(p, batch[key], rng)
 
 
+def latent_mask(batch: dict, x0: jax.Array) -> jax.Array | None:
+  """batch["mask"] [B, H, W, 1] (config.data.alpha_mask) average-pooled to the latents' [B, h, w, 1], or None."""
+  mask = batch.get("mask")
+  if mask is None:
+    return None
+  (b, hh, ww, _), (h, w) = mask.shape, x0.shape[1:3]
+  if hh % h or ww % w:
+    raise ValueError(f"mask {mask.shape[1:3]} is not a multiple of the latents' {(h, w)}")
+  return mask.reshape(b, h, hh // h, w, ww // w, 1).mean(axis=(2, 4))
+
+
 def _denoise_fn(p: dict, models, reference: bool = False) -> Callable:
   """The denoiser (or the frozen reference) as fn(x, t, cond), wrapped in the x0 skip preconditioning when
   config.diffusion.sigma_data (U-Net) or config.flow.sigma_data (MMDiT, returns velocity) is set."""
@@ -133,7 +144,7 @@ def diffusion_loss(params, frozen, batch, rng, models):
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
       weight_floor=float(cfg.get("weight_floor") or 0.0), noise_offset=float(cfg.get("noise_offset", 0.0)),
       loss_type=cfg.get("loss_type", "l2"), self_condition=models.self_condition,
-      sample_weight=batch.get("loss_weight"), **_t_kw(models, "diffusion", "uniform"))
+      mask=latent_mask(batch, x0), sample_weight=batch.get("loss_weight"), **_t_kw(models, "diffusion", "uniform"))
 
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,
@@ -172,7 +183,7 @@ def flow_loss(params, frozen, batch, rng, models):
   cond = _with_guidance(cond, models, float(cfg.get("train_guidance", 1.0)))
   x0 = latents(p, batch, r_lat, models)
   return flow.flow_loss(_denoise_fn(p, models), x0, cond, r_loss, loss_type=cfg.get("loss_type", "l2"),
-                        weighting=batch.get("loss_weight"), **_flow_t_kw(models))
+                        mask=latent_mask(batch, x0), weighting=batch.get("loss_weight"), **_flow_t_kw(models))
 
 
 def flow_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int, guidance_scale: Any,

@@ -6,8 +6,8 @@ workdir and step count), printed as one JSON line per (workdir, setting) and app
 
 Settings: "plain" (CFG against the empty prompt), "neg" (CFG against --negative_prompt, default "blurry, noisy"),
 "g=<x>" (guidance x; for a guidance-embedded model the embedded value), and for diffusion runs "thr=<q>" (dynamic
-thresholding of x0 at quantile q) and "clip=<r>" (x0 clipped to [-r, r]); parts join with "+", e.g.
-"neg+clip=1". Each sample image i uses seed --seed + i, so settings and workdirs are compared on the same noise.
+thresholding of x0 at quantile q), "clip=<r>" (x0 clipped to [-r, r]), "rescale=<r>" (CFG rescale) and
+"interval=<lo>:<hi>" (CFG only at timesteps lo..hi); parts join with "+", e.g. "neg+clip=1", "g=6+interval=0:700". Each sample image i uses seed --seed + i, so settings and workdirs are compared on the same noise.
 Scores: per-family accuracy, overall, mean sharpness.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from absl import app, flags  # noqa: E402
 from benchmarks.eval_common import emit, eval_prompt_texts, sample_and_score  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs to score.")
-_SETTINGS = flags.DEFINE_list("settings", ["plain"], "plain, neg, g=<guidance>, thr=<q>, clip=<r>; join with '+'.")
+_SETTINGS = flags.DEFINE_list("settings", ["plain"], "plain, neg, g=<guidance>, thr=<q>, clip=<r>, rescale=<r>, "
+                               "interval=<lo>:<hi>; join with '+'.")
 _NEG = flags.DEFINE_string("negative_prompt", "blurry, noisy", "Negative prompt of the 'neg' setting.")
 _NUM = flags.DEFINE_integer("num_per_family", 20, "Eval prompts per family (6 families).")
 _SEED = flags.DEFINE_integer("seed", 1234, "Prompt set seed and base sample seed.")
@@ -39,7 +40,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to score (default: t
 def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, seed: int, negative_prompt: str,
                   guidance: float | None = None, steps: int | None = None, batch: int = 40,
                   step: int | None = None, sampler: str | None = None) -> list[dict]:
-  from t2i.sample import Sampler
+  from t2i.sample import Sampler, parse_interval
   s = Sampler(workdir, step=step)
   cfg = s.config.sample
   prompts = eval_prompt_texts(num_per_family, seed, int(s.config.image_size))
@@ -58,9 +59,13 @@ def score_workdir(workdir: str, settings: Sequence[str], num_per_family: int, se
         options["dynamic_threshold"] = float(part[4:])
       elif part.startswith("clip="):
         options["clip_sample_range"] = float(part[5:])
+      elif part.startswith("rescale="):
+        options["guidance_rescale"] = float(part[8:])
+      elif part.startswith("interval="):
+        options["guidance_interval"] = parse_interval(part[9:], f"--settings {setting!r}")
       elif part != "plain":
         raise ValueError(f"--settings: unknown setting {part!r} in {setting!r} (plain, neg, g=<x>, thr=<quantile>, "
-                         "clip=<range>, joined by '+')")
+                         "clip=<range>, rescale=<r>, interval=<lo>:<hi>, joined by '+')")
     summary = sample_and_score(s, prompts, seed, batch, negative_prompt=neg, num_steps=n_steps, guidance_scale=g,
                                sampler=name, **options)
     rows.append({"workdir": workdir, "step": s.step, "setting": setting, "guidance": g, "negative_prompt": neg,

@@ -2,14 +2,15 @@
 
   python -m t2i.sample --workdir=DIR (--prompt=TEXT | --prompts_file=F) [--negative_prompt=TEXT] [--num=N]
       [--seed=S] [--steps=K] [--guidance=G] [--sampler=ddim] [--dynamic_threshold=P | --clip_sample_range=R]
-      [--batch=B] --out=OUT
+      [--guidance_rescale=R] [--guidance_interval=LO,HI] [--batch=B] --out=OUT
 
 Writes OUT/00000.png, ... and OUT/index.jsonl ({"file", "prompt", "seed"} per line). The workdir's config.json
 and tokenizer/ are all it needs. Image i starts from the noise of seed S + i and, with the ancestral sampler
 (--sampler=ddpm), draws its step noise from that seed too: reproducible image by image, whatever --batch is.
 Diffusion samplers: ddim (deterministic), ddpm (ancestral; wants more steps), euler, dpmpp_2m; for pixel-space
 models each step's x0 estimate can be clipped (--clip_sample_range=1) or dynamically thresholded
-(--dynamic_threshold=0.995). Any model family (`t2i.train.family`) with a sampler works: for a token model
+(--dynamic_threshold=0.995); CFG can be rescaled (--guidance_rescale=0.7) or limited to a timestep interval
+(--guidance_interval=200,800). Any model family (`t2i.train.family`) with a sampler works: for a token model
 (config.family="tokens", objective "cm3") seed S + i keys image i's token sampling, --steps is ignored and
 --sampler is top_p / greedy / cd_k.
 """
@@ -88,7 +89,7 @@ class Sampler:
     """Images in [-1, 1], [n, H, W, 3]; image i starts from the noise of `PRNGKey(seeds[i])`.
 
     `options`: further keyword arguments of the objective's sampler (diffusion: clip_sample_range,
-    dynamic_threshold)."""
+    dynamic_threshold, guidance_rescale, guidance_interval)."""
     options = {k: v for k, v in options.items() if v is not None}
     if options and self.objective.sample is not objectives.diffusion_sample:
       raise ValueError(f"sampling options {sorted(options)} apply to diffusion samplers only, "
@@ -100,6 +101,20 @@ class Sampler:
     with parallel.tracing_context(self.mesh, self.rules):  # as the train step
       out = self._fn(num_steps, sampler, options)(self.params, self.frozen, ids, uncond, seeds, g)
     return np.asarray(parallel.global_to_host(out))
+
+
+def parse_interval(value: Any, name: str) -> tuple[float, float] | None:
+  """"lo,hi" / "lo:hi" / [lo, hi] -> (lo, hi) timesteps, None for None; bad input raises naming `name`."""
+  if value is None:
+    return None
+  parts = value.replace(":", ",").split(",") if isinstance(value, str) else list(value)
+  try:
+    lo, hi = (float(p) for p in parts)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name}={value!r}: expected two timesteps LO,HI") from e
+  if lo > hi:
+    raise ValueError(f"{name}={value!r}: LO must not exceed HI")
+  return lo, hi
 
 
 def sample_in_batches(s: Sampler, prompts: list[str], seeds: list[int], batch: int, **kw) -> Iterator[np.ndarray]:
@@ -148,6 +163,10 @@ def define_flags() -> None:
                      "default: config.sample.clip_sample_range). For pixel-space models.")
   flags.DEFINE_float("dynamic_threshold", None, "Diffusion: dynamic thresholding of x0 at this quantile, e.g. "
                      "0.995 (0 = off; default: config.sample.dynamic_threshold). For pixel-space models.")
+  flags.DEFINE_float("guidance_rescale", None, "Diffusion: CFG rescale factor in [0, 1] (default: "
+                     "config.sample.guidance_rescale, 0 = off).")
+  flags.DEFINE_list("guidance_interval", None, "Diffusion: LO,HI: guide only at timesteps LO <= t <= HI (default: "
+                    "config.sample.guidance_interval, none = every step).")
   flags.DEFINE_integer("batch", 8, "Images per compiled sampling call.")
   flags.DEFINE_bool("noema", False, "Use the raw trained params instead of the EMA.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -175,7 +194,8 @@ def main(argv: list[str]) -> None:
       num_steps=FLAGS.steps or int(cfg.num_steps),
       guidance_scale=FLAGS.guidance if FLAGS.guidance is not None else float(cfg.guidance_scale),
       sampler=FLAGS.sampler or cfg.get("sampler", "ddim"), clip_sample_range=FLAGS.clip_sample_range,
-      dynamic_threshold=FLAGS.dynamic_threshold)
+      dynamic_threshold=FLAGS.dynamic_threshold, guidance_rescale=FLAGS.guidance_rescale,
+      guidance_interval=parse_interval(FLAGS.guidance_interval, "--guidance_interval"))
   logging.info("wrote %d images from step %d to %s", len(rows), s.step, FLAGS.out)
 
 

@@ -38,6 +38,22 @@ def _images(out):
   return [np.asarray(Image.open(out / f"{i:05d}.png")) for i in range(len(os.listdir(out)) - 1)]
 
 
+def test_cfg_options_reach_the_sampler(workdir):
+  """guidance_interval / guidance_rescale go through `Sampler` to the diffusion sampler: an interval that holds
+  no sampling step gives the cond-only images of guidance 1; rescaling changes the guided images."""
+  from t2i.sample import Sampler, parse_interval
+  s = Sampler(str(workdir[0]))
+  run = lambda g, **kw: s(["a red circle", "a blue square"], [3, 4], num_steps=3, guidance_scale=g, **kw)
+  np.testing.assert_allclose(run(4.0, guidance_interval=(2000.0, 3000.0)), run(1.0), atol=1e-5)
+  assert np.abs(run(4.0, guidance_rescale=0.7) - run(4.0)).max() > 1e-3
+  assert parse_interval("0,800", "--x") == parse_interval("0:800", "--x") == (0.0, 800.0)
+  assert parse_interval(None, "--x") is None
+  with pytest.raises(ValueError, match="--guidance_interval='800,0'"):
+    parse_interval("800,0", "--guidance_interval")
+  with pytest.raises(ValueError, match="two timesteps"):
+    parse_interval("5", "--guidance_interval")
+
+
 def test_sample_cli_writes_images_and_index(workdir, tmp_path):
   wd, cache = workdir
   (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")

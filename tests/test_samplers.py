@@ -214,6 +214,43 @@ def test_cfg_combination_and_guidance_one():
   np.testing.assert_allclose(np.asarray(traced), np.asarray(cond_only), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_guidance_rescale_and_interval_match_a_diffusers_loop(sampler):
+  """guidance_rescale = diffusers' `rescale_noise_cfg` on the guided output at every step; guidance_interval
+  guides only at timesteps inside [lo, hi] and takes the cond output elsewhere."""
+  from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+  noise = noise_like(5)
+  b_c = np.array([0.3, -0.2], np.float32).reshape(2, 1, 1, 1)
+  b_u = np.zeros((2, 1, 1, 1), np.float32)
+  cond, uncond = {"bias": jnp.asarray(b_c)}, {"bias": jnp.asarray(b_u)}
+  tb_c, tb_u = torch.from_numpy(b_c), torch.from_numpy(b_u)
+  g, r, (lo, hi) = 5.0, 0.7, (300.0, 700.0)
+
+  def guided(x, t, rescale=0.0, interval=None):
+    u, c = f_torch(x, t, tb_u), f_torch(x, t, tb_c)
+    out = u + g * (c - u)
+    if rescale:
+      out = rescale_noise_cfg(out, c, guidance_rescale=rescale)
+    if interval is not None and not interval[0] <= float(t) <= interval[1]:
+      out = c
+    return out
+  run = lambda **kw: S.sample_jit(f_jax, SHAPE, cond, uncond, jax.random.key(0), schedule(), sampler=sampler,
+                                  num_steps=10, guidance_scale=g, x_T=jnp.asarray(noise), **kw)
+  sch = diffusers_scheduler(sampler, "epsilon", "leading")
+  for kw, ref_kw in ((dict(guidance_rescale=r), dict(rescale=r)),
+                     (dict(guidance_interval=(lo, hi)), dict(interval=(lo, hi))),
+                     (dict(guidance_rescale=r, guidance_interval=(lo, hi)), dict(rescale=r, interval=(lo, hi)))):
+    ref = diffusers_loop(sch, 10, noise, model=functools.partial(guided, **ref_kw))
+    assert_close(run(**kw), ref)
+  plain = np.asarray(run())
+  assert np.abs(np.asarray(run(guidance_rescale=r)) - plain).max() > 1e-3  # the options do change the samples
+  np.testing.assert_array_equal(np.asarray(run(guidance_interval=(0.0, 1000.0))), plain)  # every step: plain CFG
+  with pytest.raises(ValueError, match="guidance_rescale"):
+    run(guidance_rescale=1.5)
+  with pytest.raises(ValueError, match="guidance_interval"):
+    run(guidance_interval=(700.0, 300.0))
+
+
 def test_traces_once_and_works_inside_outer_jit_with_pytree_cond():
   traces = []
 

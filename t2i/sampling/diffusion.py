@@ -15,6 +15,9 @@ Conventions
   * `denoise_fn(x, t, cond)` receives t as a float32 array [batch] (Euler timesteps can be fractional).
   * Classifier-free guidance evaluates [uncond; cond] in one batched call and combines
     uncond + g * (cond - uncond). It is skipped when `uncond` is None or `guidance_scale` is the Python number 1.
+    `guidance_rescale=r` (Lin et al. 2024, diffusers' `guidance_rescale`) rescales the guided output to the
+    per-image standard deviation of the cond output, mixed r : 1 - r with the plain guided one; `guidance_interval=
+    (lo, hi)` (Kynkäänniemi et al. 2024) guides only at timesteps lo <= t <= hi and uses the cond output elsewhere.
   * "ddpm" is DDIM's update with eta = 1: the DDPM posterior q(x_prev | x_t, x0_hat) on the strided timesteps,
     i.e. ancestral sampling (fresh noise at every step; wants more steps than DDIM). On the shapes-bench demo
     models it did not beat DDIM (docs/results.md).
@@ -137,8 +140,16 @@ def _is_zero(v: Any) -> bool:
   return isinstance(v, (int, float, np.integer, np.floating)) and float(v) == 0.0
 
 
+def rescale_guided(guided: jax.Array, cond_out: jax.Array, guidance_rescale: Any) -> jax.Array:
+  """Guidance rescale: r * guided * std(cond_out) / std(guided) + (1 - r) * guided, stds per image."""
+  axes = tuple(range(1, guided.ndim))
+  factor = jnp.std(cond_out, axis=axes, keepdims=True) / jnp.std(guided, axis=axes, keepdims=True)
+  return guidance_rescale * guided * factor + (1.0 - guidance_rescale) * guided
+
+
 def _guided_fn(denoise_fn: DenoiseFn, cond: PyTree, uncond: PyTree | None, guidance_scale: Any,
-               batch: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+               batch: int, guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None
+               ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Returns model(x, t_scalar) -> float32 prediction, with CFG batched into one denoise_fn call."""
   if uncond is None or _is_one(guidance_scale):
     def model(x, t):
@@ -158,7 +169,13 @@ def _guided_fn(denoise_fn: DenoiseFn, cond: PyTree, uncond: PyTree | None, guida
   def model(x, t):
     out = denoise_fn(jnp.concatenate([x, x], axis=0), jnp.full((2 * batch,), t, jnp.float32), both)
     out_u, out_c = jnp.split(out.astype(jnp.float32), 2, axis=0)
-    return out_u + guidance_scale * (out_c - out_u)
+    guided = out_u + guidance_scale * (out_c - out_u)
+    if guidance_rescale:
+      guided = rescale_guided(guided, out_c, guidance_rescale)
+    if guidance_interval is not None:
+      lo, hi = guidance_interval
+      guided = jnp.where((t >= lo) & (t <= hi), guided, out_c)
+    return guided
   return model
 
 
@@ -166,8 +183,8 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
            schedule: NoiseSchedule, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: Any = 7.5,
            prediction_type: str = "epsilon", eta: Any = 0.0, timestep_spacing: str = "leading",
            steps_offset: int = 1, x_T: jax.Array | None = None, self_condition: bool = False,
-           clip_sample_range: float = 0.0, dynamic_threshold: float = 0.0, sample_max_value: float = 1.0
-           ) -> jax.Array:
+           clip_sample_range: float = 0.0, dynamic_threshold: float = 0.0, sample_max_value: float = 1.0,
+           guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> jax.Array:
   """Generates samples of `shape` (batch first) by integrating the reverse diffusion in one fori_loop.
 
   Traceable inside an outer `jax.jit` when shape, sampler, num_steps, prediction_type, timestep_spacing and
@@ -184,6 +201,7 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
     x_T: optional unit-variance starting noise of `shape`.
     self_condition: feed the model [x_t, previous x0 estimate] (see the module docstring).
     clip_sample_range, dynamic_threshold, sample_max_value: x0 processing (`process_x0`; module docstring).
+    guidance_rescale, guidance_interval: CFG variants (module docstring); interval bounds in timestep units.
   """
   shape = tuple(int(s) for s in shape)
   big_t = schedule.num_train_timesteps
@@ -205,7 +223,12 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
   elif tuple(x_T.shape) != shape:
     raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
   x_T = x_T.astype(jnp.float32)
-  guided = _guided_fn(denoise_fn, cond, uncond, guidance_scale, shape[0])
+  if not 0.0 <= guidance_rescale <= 1.0:
+    raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+  if guidance_interval is not None and (len(guidance_interval) != 2 or guidance_interval[0] > guidance_interval[1]):
+    raise ValueError(f"guidance_interval must be (lo, hi) with lo <= hi, got {guidance_interval}")
+  guided = _guided_fn(denoise_fn, cond, uncond, guidance_scale, shape[0], guidance_rescale,
+                      None if guidance_interval is None else tuple(float(v) for v in guidance_interval))
 
   def model(x, t, x0_prev):
     return guided(self_conditioned_input(x, x0_prev) if self_condition else x, t)
@@ -283,7 +306,8 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
 
 
 _STATIC = ("shape", "sampler", "num_steps", "prediction_type", "timestep_spacing", "steps_offset", "use_cfg",
-           "use_eta", "self_condition", "clip_sample_range", "dynamic_threshold", "sample_max_value")
+           "use_eta", "self_condition", "clip_sample_range", "dynamic_threshold", "sample_max_value",
+           "guidance_rescale", "guidance_interval")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -299,8 +323,8 @@ def sample_jit(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, unco
                schedule: NoiseSchedule, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 7.5,
                prediction_type: str = "epsilon", eta: float = 0.0, timestep_spacing: str = "leading",
                steps_offset: int = 1, x_T: jax.Array | None = None, self_condition: bool = False,
-               clip_sample_range: float = 0.0, dynamic_threshold: float = 0.0, sample_max_value: float = 1.0
-               ) -> jax.Array:
+               clip_sample_range: float = 0.0, dynamic_threshold: float = 0.0, sample_max_value: float = 1.0,
+               guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> jax.Array:
   """`sample` compiled with jax.jit and cached per (denoise_fn, shapes, static options).
 
   guidance_scale and eta are traced (changing them does not recompile), except that guidance_scale == 1 selects
@@ -317,4 +341,6 @@ def sample_jit(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, unco
                      steps_offset=int(steps_offset), use_cfg=use_cfg,
                      use_eta=not _is_zero(eta), self_condition=bool(self_condition),
                      clip_sample_range=float(clip_sample_range), dynamic_threshold=float(dynamic_threshold),
-                     sample_max_value=float(sample_max_value))
+                     sample_max_value=float(sample_max_value), guidance_rescale=float(guidance_rescale),
+                     guidance_interval=None if guidance_interval is None else
+                     tuple(float(v) for v in guidance_interval))

@@ -149,16 +149,20 @@ def diffusion_loss(params, frozen, batch, rng, models):
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,
                      guidance_scale: Any, sampler: str = "ddim", x_T: jax.Array | None = None,
-                     clip_sample_range: float | None = None, dynamic_threshold: float | None = None):
-  """x0 processing (`t2i.sampling.diffusion.process_x0`): clip_sample_range / dynamic_threshold, None = the run's
-  config.sample value (default off), with config.sample.sample_max_value."""
+                     clip_sample_range: float | None = None, dynamic_threshold: float | None = None,
+                     guidance_rescale: float | None = None, guidance_interval: tuple[float, float] | None = None):
+  """Options of `t2i.sampling.diffusion.sample`, None = the run's config.sample value (default off): x0 processing
+  (clip_sample_range / dynamic_threshold, with config.sample.sample_max_value) and the CFG variants
+  guidance_rescale / guidance_interval ((lo, hi) in timesteps)."""
   from t2i.sampling import diffusion as sampling
   scfg = models.config.get("sample") or {}
-  x0_kw = dict(clip_sample_range=float(scfg.get("clip_sample_range", 0.0) if clip_sample_range is None
-                                       else clip_sample_range),
-               dynamic_threshold=float(scfg.get("dynamic_threshold", 0.0) if dynamic_threshold is None
-                                       else dynamic_threshold),
-               sample_max_value=float(scfg.get("sample_max_value", 1.0)))
+  pick = lambda value, key, default: scfg.get(key, default) if value is None else value
+  interval = pick(guidance_interval, "guidance_interval", None)
+  x0_kw = dict(clip_sample_range=float(pick(clip_sample_range, "clip_sample_range", 0.0)),
+               dynamic_threshold=float(pick(dynamic_threshold, "dynamic_threshold", 0.0)),
+               sample_max_value=float(scfg.get("sample_max_value", 1.0)),
+               guidance_rescale=float(pick(guidance_rescale, "guidance_rescale", 0.0)),
+               guidance_interval=None if interval is None else tuple(float(v) for v in interval))
   p = {**frozen, **params}
   cond = models.cond(p, input_ids)
   uncond = models.cond(p, uncond_ids)

@@ -105,11 +105,14 @@ def test_weighted_sources_in_the_train_loop(tmp_path):
   _ingest_folders(tmp_path)
   for weights, zero in (((0.0, 0.0), True), ((1.0, 0.5), False)):
     cfg = sd_shapes.get_config("smoke")
-    cfg.total_steps, cfg.eval.every = 2, 0
+    cfg.total_steps, cfg.eval.every = 2, 2 if zero else 0
+    cfg.eval.data = ml_collections.ConfigDict(dict(dataset="image_folder", data_dir=str(tmp_path / "data_class")))
     cfg.data = ml_collections.ConfigDict(dict(name="tfds", data_dir=str(tmp_path), caption_dropout=0.0,
                                               sources=_sources(tmp_path, weights)))
     m = loop.train(cfg, str(tmp_path / f"run_{weights}"))
     assert (float(m["loss"]) == 0.0 and float(m["grad_norm"]) == 0.0) == zero, (weights, m)
+    if zero:  # the held-out loss reads the named data set alone, unweighted
+      assert float(m["eval_loss"]) > 0, m
 
 
 @pytest.mark.parametrize("experiment,cases", [("sd_shapes", (True, False)), ("flux_shapes_pretrain", (True,))])

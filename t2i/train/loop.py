@@ -96,9 +96,13 @@ def make_data_iterator(config: Any, tokenize, mesh) -> Any:
 
 
 def eval_data_config(config: Any) -> ml_collections.ConfigDict:
-  """A copy of `config` whose `data` has the set (non-empty) fields of `config.eval.data` laid over it."""
+  """A copy of `config` whose `data` has the set (non-empty) fields of `config.eval.data` laid over it (naming a
+  dataset replaces a training mix of `config.data.sources`)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.data.update({k: v for k, v in dict(config.eval.get("data") or {}).items() if v not in ("", None)})
+  overlay = {k: v for k, v in dict(config.eval.get("data") or {}).items() if v not in ("", None)}
+  if "dataset" in overlay and "sources" in cfg.data:
+    cfg.data.sources = ()
+  cfg.data.update(overlay)
   return cfg
 
 
@@ -112,7 +116,8 @@ def make_eval_batches(config: Any, family: Any, tokenize, mesh, structs: dict[st
     it = cache_lib.CachedIterator(cache_dir)
   else:
     it = family.make_data_iterator(eval_data_config(config), tokenize, mesh)
-  return [put_batch(next(it), structs) for _ in range(n)]
+  ones = {k: np.ones(s.shape, s.dtype) for k, s in structs.items() if k == "loss_weight"}  # held-out data: unweighted
+  return [put_batch({**ones, **next(it)}, structs) for _ in range(n)]
 
 
 def put_batch(batch: dict[str, Any], structs: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:

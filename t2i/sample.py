@@ -28,6 +28,7 @@ from absl import app, flags, logging
 
 from data_pipelines.image_decode import to_uint8
 from t2i import parallel
+from t2i.sampling.diffusion import guidance_interval_tuple
 from t2i.train import checkpoint as ckpt_lib
 from t2i.train import ema as ema_lib
 from t2i.train import family as family_lib
@@ -105,16 +106,11 @@ class Sampler:
 
 def parse_interval(value: Any, name: str) -> tuple[float, float] | None:
   """"lo,hi" / "lo:hi" / [lo, hi] -> (lo, hi) timesteps, None for None; bad input raises naming `name`."""
-  if value is None:
-    return None
-  parts = value.replace(":", ",").split(",") if isinstance(value, str) else list(value)
+  parts = value.replace(":", ",").split(",") if isinstance(value, str) else value
   try:
-    lo, hi = (float(p) for p in parts)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{name}={value!r}: expected two timesteps LO,HI") from e
-  if lo > hi:
-    raise ValueError(f"{name}={value!r}: LO must not exceed HI")
-  return lo, hi
+    return guidance_interval_tuple(parts)
+  except ValueError as e:
+    raise ValueError(f"{name}={value!r}: expected two timesteps LO,HI with LO <= HI") from e
 
 
 def sample_in_batches(s: Sampler, prompts: list[str], seeds: list[int], batch: int, **kw) -> Iterator[np.ndarray]:

@@ -140,6 +140,19 @@ def _is_zero(v: Any) -> bool:
   return isinstance(v, (int, float, np.integer, np.floating)) and float(v) == 0.0
 
 
+def guidance_interval_tuple(value: Any) -> tuple[float, float] | None:
+  """(lo, hi) timesteps as floats, None for None; ValueError unless two numbers with lo <= hi."""
+  if value is None:
+    return None
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"guidance_interval must be two timesteps (lo, hi), got {value!r}") from e
+  if lo > hi:
+    raise ValueError(f"guidance_interval must be (lo, hi) with lo <= hi, got {value!r}")
+  return lo, hi
+
+
 def rescale_guided(guided: jax.Array, cond_out: jax.Array, guidance_rescale: Any) -> jax.Array:
   """Guidance rescale: r * guided * std(cond_out) / std(guided) + (1 - r) * guided, stds per image."""
   axes = tuple(range(1, guided.ndim))
@@ -225,10 +238,8 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, uncond: 
   x_T = x_T.astype(jnp.float32)
   if not 0.0 <= guidance_rescale <= 1.0:
     raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-  if guidance_interval is not None and (len(guidance_interval) != 2 or guidance_interval[0] > guidance_interval[1]):
-    raise ValueError(f"guidance_interval must be (lo, hi) with lo <= hi, got {guidance_interval}")
   guided = _guided_fn(denoise_fn, cond, uncond, guidance_scale, shape[0], guidance_rescale,
-                      None if guidance_interval is None else tuple(float(v) for v in guidance_interval))
+                      guidance_interval_tuple(guidance_interval))
 
   def model(x, t, x0_prev):
     return guided(self_conditioned_input(x, x0_prev) if self_condition else x, t)
@@ -342,5 +353,4 @@ def sample_jit(denoise_fn: DenoiseFn, shape: tuple[int, ...], cond: PyTree, unco
                      use_eta=not _is_zero(eta), self_condition=bool(self_condition),
                      clip_sample_range=float(clip_sample_range), dynamic_threshold=float(dynamic_threshold),
                      sample_max_value=float(sample_max_value), guidance_rescale=float(guidance_rescale),
-                     guidance_interval=None if guidance_interval is None else
-                     tuple(float(v) for v in guidance_interval))
+                     guidance_interval=guidance_interval_tuple(guidance_interval))

@@ -157,12 +157,11 @@ def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_
   from t2i.sampling import diffusion as sampling
   scfg = models.config.get("sample") or {}
   pick = lambda value, key, default: scfg.get(key, default) if value is None else value
-  interval = pick(guidance_interval, "guidance_interval", None)
   x0_kw = dict(clip_sample_range=float(pick(clip_sample_range, "clip_sample_range", 0.0)),
                dynamic_threshold=float(pick(dynamic_threshold, "dynamic_threshold", 0.0)),
                sample_max_value=float(scfg.get("sample_max_value", 1.0)),
                guidance_rescale=float(pick(guidance_rescale, "guidance_rescale", 0.0)),
-               guidance_interval=None if interval is None else tuple(float(v) for v in interval))
+               guidance_interval=sampling.guidance_interval_tuple(pick(guidance_interval, "guidance_interval", None)))
   p = {**frozen, **params}
   cond = models.cond(p, input_ids)
   uncond = models.cond(p, uncond_ids)

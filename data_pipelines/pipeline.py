@@ -82,9 +82,9 @@ SOURCE_KEYS = {"dataset": None, "split": "train", "data_dir": None, "repeats": 1
 # ---------------------------------------------------------------------------------------------- sources
 def source_entries(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """`cfg.sources` with defaults filled in (or the one `cfg.dataset` entry); bad entries raise naming the key."""
+  defaults = {**SOURCE_KEYS, "data_dir": cfg.get("data_dir"), "caption_prefix": cfg.get("caption_prefix", "")}
   if not cfg.get("sources"):
-    return [{"dataset": cfg.get("dataset"), "split": cfg.get("split", "train"), "data_dir": cfg.get("data_dir"),
-             "repeats": 1, "caption_prefix": cfg.get("caption_prefix", ""), "loss_weight": 1.0}]
+    return [{**defaults, "dataset": cfg.get("dataset"), "split": cfg.get("split", "train")}]
   out = []
   for i, entry in enumerate(cfg.sources):
     entry = dict(entry)
@@ -93,7 +93,7 @@ def source_entries(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
       raise ValueError(f"config.data.sources[{i}]: unknown key(s) {unknown}; expected {sorted(SOURCE_KEYS)}")
     if not entry.get("dataset"):
       raise ValueError(f"config.data.sources[{i}]: 'dataset' is required")
-    full = {**SOURCE_KEYS, "data_dir": cfg.data_dir, "caption_prefix": cfg.get("caption_prefix", ""), **entry}
+    full = {**defaults, **entry}
     if int(full["repeats"]) != full["repeats"] or full["repeats"] < 1:
       raise ValueError(f"config.data.sources[{i}].repeats={full['repeats']!r} must be a positive integer")
     if not float(full["loss_weight"]) >= 0:
@@ -104,7 +104,7 @@ def source_entries(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 def has_loss_weights(cfg: Any) -> bool:
   """Whether batches of data config `cfg` carry "loss_weight" (some source weighs its samples other than 1)."""
-  return any(float(e["loss_weight"]) != 1.0 for e in source_entries(ml_collections.ConfigDict(dict(cfg))))
+  return any(float(e["loss_weight"]) != 1.0 for e in source_entries(cfg))
 
 
 class MixedSource:
@@ -216,7 +216,7 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
     record, keys = preference.winner_first(record), ("jpg_w", "jpg_l")
   try:
     imgs = [image_decode.decode_rgb(record[k]) for k in keys]
-    if cfg.alpha_mask and not cfg.pair:
+    if cfg.alpha_mask:  # not with pairs (make_train_iterator refuses the combination)
       imgs.append(image_decode.decode_mask(record.get(cfg.mask_key, b""), imgs[0].shape[:2]))
   except image_decode.SkipSample as e:
     return {"pos": pos, "skip": e.reason}
@@ -242,7 +242,7 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
   out = {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(imgs[0]), "caption": caption}
   if loss_weights is not None:
     out["loss_weight"] = np.float32(loss_weights[record.get("_source", 0)])
-  if cfg.alpha_mask and not cfg.pair:
+  if cfg.alpha_mask:
     out["mask"] = np.ascontiguousarray(imgs[-1])
   if cfg.pair:
     out["image_l"] = np.ascontiguousarray(imgs[1])

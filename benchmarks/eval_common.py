@@ -88,14 +88,17 @@ def check_level_args(argv: Sequence[str], workdirs: Sequence[str] | None, levels
 
 
 def clean_renders(family: str, num: int, size: int, seed: int) -> tuple[np.ndarray, list[str], list[dict]]:
-  """`num` clean records of one family from the shapes-bench generator: (uint8 images at `size`, captions, specs)."""
+  """`num` clean records of one family from the shapes-bench generator: (uint8 images at `size`, captions, specs).
+
+  Rendered at `size` (at least 32 px, the generator's smallest canvas), so grounding captions name points in the
+  image's own pixels, as in training data of that size."""
   from data_pipelines.pipeline import resize_crop
   from data_pipelines.shapes import captions, palette, records
   from data_pipelines.shapes.rendering import decode_image
   if family not in palette.FAMILIES:
     raise ValueError(f"--family={family!r}: expected one of {palette.FAMILIES}")
   images, texts, specs = [], [], []
-  for r in records.generate_records("curated", 200 * num, seed=seed, size=64):
+  for r in records.generate_records("curated", 200 * num, seed=seed, size=max(int(size), 32)):
     spec = captions.parse_prompt(r["caption"])
     if spec["family"] == family:
       images.append(resize_crop(decode_image(r["image"]), (size, size)))

@@ -118,6 +118,9 @@ def test_denoise_scores_pass_rates_with_an_oracle():
   assert rates == [1.0, 0.0]
   with pytest.raises(ValueError, match="family"):
     clean_renders("nonsense", 1, 32, 0)
+  # Grounding captions name points in the render's own pixels (they were in a 64-px frame for 32-px images).
+  images, _, specs = clean_renders("grounding", 6, 32, seed=3)
+  assert pass_rates(lambda level: images, specs, [0.5]) == [1.0]
 
 
 def test_denoise_scores_benchmark_rows(workdir, tmp_path):
@@ -144,3 +147,20 @@ def test_conditioning_benchmark_rows(workdir, tmp_path):
   for r in rows:
     assert all(np.isfinite(r[k]) and r[k] > 0 for k in ("true", "shuffled", "empty"))
     assert r["shuffled"] != r["true"]
+  # --family=position: clean renders, plus the error under the captions with their relation reversed.
+  rc, err = _run(["benchmarks.conditioning", f"--workdirs={wd}", "--levels=0.9", "--family=position", "--num=4",
+                  f"--out={out}"], cache)
+  assert rc == 0, err[-3000:]
+  row = json.loads(open(out).read().splitlines()[-1])
+  assert np.isfinite(row["flipped"]) and row["flipped"] != row["true"]
+
+
+def test_flipped_captions():
+  from benchmarks.conditioning import flipped_caption
+  assert flipped_caption("a red circle placed to the left of a blue square", 32) == \
+      "a red circle placed to the right of a blue square"
+  assert flipped_caption("a red circle above a blue square, blurry", 32) == "a red circle below a blue square, blurry"
+  assert flipped_caption("a red circle at (9, 15) on a dark background", 32) == \
+      "a red circle at (23, 17) on a dark background"
+  assert flipped_caption("a red circle located at x=9, y=15", 64) == "a red circle located at x=55, y=49"
+  assert flipped_caption("three red circles", 32) == "three red circles"

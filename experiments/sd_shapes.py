@@ -30,14 +30,14 @@ def tiny_unet(in_channels: int = 48, size: int = 8, channels: tuple[int, ...] = 
       down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
       up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
       block_out_channels=channels, layers_per_block=1, cross_attention_dim=128, attention_head_dim=16,
-      norm_num_groups=16))
+      norm_num_groups=16, coord_octaves=0))
 
 
 def tiny_clip(max_length: int) -> ml_collections.ConfigDict:
   return common.module_config("t2i.models.text.CLIPTextModel", dict(
       vocab_size=-1, eos_token_id=-1,  # -1: from the tokenizer
       hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-      max_position_embeddings=max_length, hidden_act="quick_gelu"), trainable=True)
+      max_position_embeddings=max_length, hidden_act="quick_gelu", causal=True), trainable=True)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

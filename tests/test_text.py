@@ -201,3 +201,15 @@ def test_sharded_forward_matches(tmp_path_factory):
       got = jax.jit(model.apply)({"params": sharded}, ids)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_bidirectional_mode_reads_later_tokens(tmp_path_factory):
+  # causal=False: an early token's state depends on the tokens after it; causal (CLIP) it does not. Same params.
+  _, folder = _reference("eos5_gelu", tmp_path_factory)
+  model, params = load_transformers_clip_text(folder)
+  ids = jnp.asarray(_ids(5, 0), jnp.int32)
+  later = ids.at[:, 2].set(ids[:, 2] + 1)  # change token 2
+  for m, early_changes in ((model, False), (model.clone(causal=False), True)):
+    a, b = m.apply({"params": params}, ids)[0], m.apply({"params": params}, later)[0]
+    assert bool(jnp.any(jnp.abs(a[:, :2] - b[:, :2]) > 1e-4)) == early_changes
+    assert bool(jnp.all(jnp.any(jnp.abs(a[:, 2:] - b[:, 2:]) > 1e-4, axis=(1, 2))))

@@ -224,3 +224,27 @@ def test_bf16_smoke(tiny):
   assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
   rel = float(jnp.abs(out.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
   assert rel < 0.1, rel
+
+
+def test_coordinate_embedding(tiny):
+  # coord_octaves: zero-initialised, so the output equals the plain U-Net's with the same other params; a nonzero
+  # projection adds a different vector at every pixel; the features are the pixel centres and their octaves.
+  from t2i.models.unet import coordinate_features
+  module, params, inputs, plain_out = tiny
+  coord = module.clone(coord_octaves=2)
+  init = jax.eval_shape(lambda: nn.meta.unbox(coord.init(jax.random.key(0), **inputs)["params"]))
+  assert init["coord_embedding"]["dense"]["kernel"].shape == (2 + 4 * 2, 32)
+  zero = coord.init(jax.random.key(0), **inputs)["params"]["coord_embedding"]
+  assert all(not np.any(np.asarray(nn.meta.unbox(v))) for v in jax.tree.leaves(zero))
+  with_coord = {**params, "coord_embedding": nn.meta.unbox(zero)}
+  np.testing.assert_array_equal(coord.apply({"params": with_coord}, **inputs), plain_out)
+  kernel = jnp.asarray(np.random.default_rng(4).standard_normal((10, 32)), jnp.float32)
+  with_coord["coord_embedding"] = {"dense": {"kernel": kernel, "bias": jnp.zeros((32,))}}
+  const = {**inputs, "sample": jnp.zeros_like(inputs["sample"])}
+  out = np.asarray(coord.apply({"params": with_coord}, **const))
+  assert not np.allclose(out[:, 5, 5], out[:, 5, 10], atol=1e-3)  # same (zero) input, different place
+  f = np.asarray(coordinate_features(4, 2, 1))
+  np.testing.assert_allclose(f[:, 0, 0], [-0.75, -0.25, 0.25, 0.75], atol=1e-7)  # y of the pixel centres
+  np.testing.assert_allclose(f[0, :, 1], [-0.5, 0.5], atol=1e-7)  # x
+  np.testing.assert_allclose(f[0, 1, 3], np.sin(np.pi * 0.5), atol=1e-6)  # sin(pi x) at x = 0.5
+  np.testing.assert_allclose(f[0, 1, 5], np.cos(np.pi * 0.5), atol=1e-6)  # cos(pi x)

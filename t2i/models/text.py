@@ -68,7 +68,7 @@ class EncoderLayer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-  """CLIP text transformer with a causal mask.
+  """CLIP text transformer with a causal mask (`causal=False`: bidirectional, for encoders trained from scratch).
 
   `apply({"params": p}, input_ids)` -> (last_hidden_state [b, n, hidden], pooled [b, hidden]); the pooled
   vector is the final-normed state at the EOS token (or, with `with_projection`, its projection `text_embeds`
@@ -89,6 +89,9 @@ class CLIPTextModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  # False: every token attends to every token (like T5), so a word also reads what follows it ("a red circle" in
+  # "a red circle above a blue square" knows it is the upper one). CLIP checkpoints are causal.
+  causal: bool = True
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -111,7 +114,7 @@ class CLIPTextModel(nn.Module):
     x = tok(input_ids) + jnp.asarray(pos[:n], self.dtype)[None]
     x = constrain(x, TOKEN_AXES)
 
-    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+    mask = (jnp.tril(jnp.ones((n, n), bool)) if self.causal else jnp.ones((n, n), bool))[None, None]
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, None, :]
     layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer

@@ -234,6 +234,12 @@ class UNet2DConditionModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   scan_layers: bool = False  # each SpatialTransformer's blocks in a jax.lax.scan (t2i.nn.scan; SDXL's depth 10)
+  # > 0: Fourier features of each pixel's (y, x) in [-1, 1] (this many octaves, plus the raw coordinates),
+  # projected by a zero-initialised Dense and added after conv_in, so the network knows where it draws ("to the
+  # left of", "at (16, 40)"); a convolutional U-Net otherwise sees position only through its zero padding. Not a
+  # diffusers option: 0 keeps the diffusers layout, and switching it on for a loaded checkpoint changes nothing at
+  # step 0.
+  coord_octaves: int = 0
 
   @classmethod
   def from_config(cls, config: dict[str, Any], **overrides) -> "UNet2DConditionModel":
@@ -304,7 +310,11 @@ class UNet2DConditionModel(nn.Module):
     x = sample.astype(self.dtype)
     if self.center_input_sample:
       x = 2 * x - 1.0
-    x = constrain(Conv(c0, (3, 3), name="conv_in", **kw)(x), IMAGE)
+    x = Conv(c0, (3, 3), name="conv_in", **kw)(x)
+    if self.coord_octaves:
+      x = x + Dense(c0, axes=(None, "conv_out"), kernel_init=nn.initializers.zeros, name="coord_embedding",
+                    **kw)(coordinate_features(x.shape[1], x.shape[2], self.coord_octaves).astype(self.dtype))[None]
+    x = constrain(x, IMAGE)
 
     skips = [x]
     for i, btype in enumerate(self.down_block_types):
@@ -339,6 +349,17 @@ class UNet2DConditionModel(nn.Module):
     x = nn.silu(GroupNorm(groups, epsilon=eps, name="conv_norm_out", **kw)(x))
     x = Conv(self.out_channels, (3, 3), name="conv_out", **kw)(x)
     return x
+
+
+def coordinate_features(height: int, width: int, octaves: int) -> jax.Array:
+  """[height, width, 2 + 4 * octaves]: pixel-centre (y, x) in [-1, 1], then the sines, then the cosines, of
+  2^k pi y (k < octaves) and 2^k pi x."""
+  y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
+  x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+  yx = jnp.stack(jnp.meshgrid(y, x, indexing="ij"), axis=-1)  # [H, W, 2]
+  freqs = jnp.pi * 2.0 ** jnp.arange(octaves, dtype=jnp.float32)
+  angles = (yx[..., None] * freqs).reshape(height, width, -1)  # [H, W, 2 * octaves]
+  return jnp.concatenate([yx, jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
 def dummy_inputs(module: UNet2DConditionModel, batch: int = 1, height: int | None = None,

@@ -36,13 +36,12 @@ _OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file too.
 _FAMILY = flags.DEFINE_string("family", "", "Clean renders of this prompt family instead of a training batch.")
 _NUM = flags.DEFINE_integer("num", 64, "Number of renders with --family.")
 
-_FLIP = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
-
 
 def flipped_caption(caption: str, size: int) -> str:
   """The caption with its spatial relation reversed, or its grounding point mirrored through the centre of a
   `size`-px image ("(9, 15)" -> "(23, 17)" at 32 px); unchanged if it names neither."""
-  for rel, opposite in _FLIP.items():
+  from data_pipelines.shapes.palette import OPPOSITE_RELATION
+  for rel, opposite in OPPOSITE_RELATION.items():
     if f" {rel} " in caption:
       return caption.replace(f" {rel} ", f" {opposite} ", 1)
   mirror = lambda m: f"{m.group(1)}{size - int(m.group(2))}{m.group(3)}{size - int(m.group(4))}"  # noqa: E731

@@ -36,6 +36,8 @@ TRAIN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)
 
 FAMILIES = ("single", "two_objects", "counting", "colours", "position", "grounding")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+OPPOSITE_RELATION = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+                     "below": "above"}
 FLAWS = ("blurry", "noisy", "washed out", "jpeg artifacts")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 SPLITS = ("pretrain", "curated", "train", "heldout")

@@ -33,8 +33,7 @@ def mislabel(spec: dict[str, Any], rng: np.random.Generator,
     out["count"] = n + 1 if n == 1 else n - 1 if n == 4 else n + int(rng.choice([-1, 1]))
     return out
   if kind == "relation":
-    out["relation"] = {"to the left of": "to the right of", "to the right of": "to the left of",
-                       "above": "below", "below": "above"}[out["relation"]]
+    out["relation"] = palette.OPPOSITE_RELATION[out["relation"]]
     return out
   i = int(rng.integers(len(out["objects"])))
   o = out["objects"][i]

@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Guidance 2.5 instead of 4: +0.052 +- 0.010 overall, single 0.81 -> 0.90 (1,320 prompts, paired; session 18).
     # The demo-length model is indifferent (0.136 vs 0.131), so the demo keeps 4.
     c.sample.guidance_scale = 2.5
-    # Adafactor instead of AdamW (same lr and schedule): +0.039 +- 0.011 overall, single 0.90 -> 0.95, two objects
+    # Adafactor instead of AdamW (same lr and schedule): +0.039 +- 0.011 overall, single 0.895 -> 0.945, two objects
     # 0.76 -> 0.86 (1,320 prompts, paired, guidance 2.5; session 19). The demo keeps AdamW (+0.03 there, 2 seeds).
     c.optimizer.name = "adafactor"
   elif variant == "latent":

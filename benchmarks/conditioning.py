@@ -17,7 +17,6 @@ reversed ("left of" <-> "right of", "above" <-> "below") or its point mirrored t
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import Sequence
 
@@ -26,7 +25,8 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.eval_common import check_level_args, clean_renders, emit, load_denoiser, x0_estimate  # noqa: E402
+from benchmarks.eval_common import (check_level_args, clean_renders, emit, flipped_caption, load_denoiser,  # noqa: E402
+                                    x0_estimate)
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs (U-Net diffusion or rectified-flow runs).")
 _LEVELS = flags.DEFINE_list("levels", ["0.05", "0.2", "0.4", "0.6", "0.8", "0.95"], "Noise levels in [0, 1].")
@@ -35,17 +35,6 @@ _SEED = flags.DEFINE_integer("seed", 1, "Noise seed.")
 _OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file too.")
 _FAMILY = flags.DEFINE_string("family", "", "Clean renders of this prompt family instead of a training batch.")
 _NUM = flags.DEFINE_integer("num", 64, "Number of renders with --family.")
-
-
-def flipped_caption(caption: str, size: int) -> str:
-  """The caption with its spatial relation reversed, or its grounding point mirrored through the centre of a
-  `size`-px image ("(9, 15)" -> "(23, 17)" at 32 px); unchanged if it names neither."""
-  from data_pipelines.shapes.palette import OPPOSITE_RELATION
-  for rel, opposite in OPPOSITE_RELATION.items():
-    if f" {rel} " in caption:
-      return caption.replace(f" {rel} ", f" {opposite} ", 1)
-  mirror = lambda m: f"{m.group(1)}{size - int(m.group(2))}{m.group(3)}{size - int(m.group(4))}"  # noqa: E731
-  return re.sub(r"(\(|x=)(\d+)(, (?:y=)?)(\d+)", mirror, caption, count=1)
 
 
 def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, step: int | None = None,

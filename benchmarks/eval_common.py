@@ -1,10 +1,12 @@
 """Pieces shared by the shapes-bench scoring scripts (`benchmarks.shapes_eval`, `benchmarks.cm3_eval`,
 `benchmarks.conditioning`, `benchmarks.denoise_scores`): the eval prompt list, sample-then-score into a temporary
 folder, JSON-line output, a workdir's denoiser and its one-step clean estimate, clean renders of one prompt
-family and their pass rates. No flags, so any script (and any test) can import it."""
+family and their pass rates, captions with the relation reversed. No flags, so any script (and any test) can import
+it."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from typing import Callable, Sequence
 
@@ -85,6 +87,17 @@ def check_level_args(argv: Sequence[str], workdirs: Sequence[str] | None, levels
   if not all(0.0 <= x <= 1.0 for x in out):
     raise app.UsageError(f"--levels must lie in [0, 1], got {list(levels)}")
   return out
+
+
+def flipped_caption(caption: str, size: int) -> str:
+  """The caption with its spatial relation reversed, or its grounding point mirrored through the centre of a
+  `size`-px image ("(9, 15)" -> "(23, 17)" at 32 px); unchanged if it names neither."""
+  from data_pipelines.shapes.palette import OPPOSITE_RELATION
+  for rel, opposite in OPPOSITE_RELATION.items():
+    if f" {rel} " in caption:
+      return caption.replace(f" {rel} ", f" {opposite} ", 1)
+  mirror = lambda m: f"{m.group(1)}{size - int(m.group(2))}{m.group(3)}{size - int(m.group(4))}"  # noqa: E731
+  return re.sub(r"(\(|x=)(\d+)(, (?:y=)?)(\d+)", mirror, caption, count=1)
 
 
 def clean_renders(family: str, num: int, size: int, seed: int) -> tuple[np.ndarray, list[str], list[dict]]:

@@ -156,7 +156,7 @@ def test_conditioning_benchmark_rows(workdir, tmp_path):
 
 
 def test_flipped_captions():
-  from benchmarks.conditioning import flipped_caption
+  from benchmarks.eval_common import flipped_caption
   assert flipped_caption("a red circle placed to the left of a blue square", 32) == \
       "a red circle placed to the right of a blue square"
   assert flipped_caption("a red circle above a blue square, blurry", 32) == "a red circle below a blue square, blurry"

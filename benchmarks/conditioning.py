@@ -53,8 +53,9 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
     renders, texts, _ = clean_renders(family, num, int(config.image_size), seed)
     image = to_float(jnp.asarray(renders))
     ids = jnp.asarray(s.tokenize(texts))
-    if family in ("position", "grounding"):
-      flipped = jnp.asarray(s.tokenize([flipped_caption(t, int(config.image_size)) for t in texts]))
+    flipped_texts = [flipped_caption(t, int(config.image_size)) for t in texts]
+    if flipped_texts != texts:  # the family names a relation or a point (position, grounding)
+      flipped = jnp.asarray(s.tokenize(flipped_texts))
   else:
     batch = next(loop.make_data_iterator(config, s.tokenize, s.mesh))
     image = jnp.asarray(parallel.global_to_host(batch["image"]))

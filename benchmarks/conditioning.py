@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.eval_common import (check_level_args, clean_renders, emit, flipped_caption, load_denoiser,  # noqa: E402
+from benchmarks.eval_common import (check_level_args, clean_renders, emit, load_denoiser,  # noqa: E402
                                     x0_estimate)
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs (U-Net diffusion or rectified-flow runs).")
@@ -43,6 +43,7 @@ def conditioning_errors(workdir: str, levels: Sequence[float], seed: int = 1, st
   import jax.numpy as jnp
 
   from data_pipelines.image_decode import to_float
+  from data_pipelines.shapes.captions import flipped_caption
   from t2i import parallel
   from t2i.train import loop
 

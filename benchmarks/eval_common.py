@@ -6,7 +6,6 @@ it."""
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from typing import Callable, Sequence
 
@@ -87,17 +86,6 @@ def check_level_args(argv: Sequence[str], workdirs: Sequence[str] | None, levels
   if not all(0.0 <= x <= 1.0 for x in out):
     raise app.UsageError(f"--levels must lie in [0, 1], got {list(levels)}")
   return out
-
-
-def flipped_caption(caption: str, size: int) -> str:
-  """The caption with its spatial relation reversed, or its grounding point mirrored through the centre of a
-  `size`-px image ("(9, 15)" -> "(23, 17)" at 32 px); unchanged if it names neither."""
-  from data_pipelines.shapes.palette import OPPOSITE_RELATION
-  for rel, opposite in OPPOSITE_RELATION.items():
-    if f" {rel} " in caption:
-      return caption.replace(f" {rel} ", f" {opposite} ", 1)
-  mirror = lambda m: f"{m.group(1)}{size - int(m.group(2))}{m.group(3)}{size - int(m.group(4))}"  # noqa: E731
-  return re.sub(r"(\(|x=)(\d+)(, (?:y=)?)(\d+)", mirror, caption, count=1)
 
 
 def clean_renders(family: str, num: int, size: int, seed: int) -> tuple[np.ndarray, list[str], list[dict]]:

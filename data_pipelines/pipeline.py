@@ -58,6 +58,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       # quality_min are skipped and counted ("quality"), e.g. "data_pipelines.shapes.scoring.palette_fidelity_score".
       "quality_filter": "",
       "quality_min": 0.0,
+      # Negative captions: "module.function" (caption, image_size) -> the caption changed so that the image
+      # contradicts it (e.g. "data_pipelines.shapes.captions.flipped_caption": relation reversed, point
+      # mirrored). Batches then get "neg_input_ids" and "neg_mask" f32 [B] (1 where the function changed a
+      # non-empty caption), for config.diffusion.contrast (relation-contrastive denoising).
+      "negative_caption": "",
       # Captions (kohya-style): prefix prepended to every caption (a trigger word, e.g. "sks dog, "); tag shuffle
       # of the comma-separated caption, keeping its first keep_tokens tags in place. Dropout still empties it all.
       "caption_prefix": "",
@@ -194,12 +199,13 @@ def resize_crop(img: np.ndarray, out_hw: tuple[int, int], offset: tuple[float, f
 
 
 @functools.lru_cache(maxsize=None)
-def _quality_fn(path: str) -> Callable[[np.ndarray, str], float]:
+def _import_hook(path: str, key: str) -> Callable:
+  """The function "module.function" named by config.data.<key>."""
   mod, _, name = path.rpartition(".")
   try:
     return getattr(importlib.import_module(mod), name)
   except (ImportError, AttributeError, ValueError) as e:
-    raise ValueError(f"config.data.quality_filter={path!r}: cannot import ({e})") from e
+    raise ValueError(f"config.data.{key}={path!r}: cannot import ({e})") from e
 
 
 def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collections.ConfigDict,
@@ -226,7 +232,7 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
   caption = record.get(cfg.caption_key if not cfg.pair else "caption", b"")
   caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
   if cfg.quality_filter:
-    q = _quality_fn(cfg.quality_filter)(imgs[0], caption)
+    q = _import_hook(cfg.quality_filter, "quality_filter")(imgs[0], caption)
     if q < cfg.quality_min:
       return {"pos": pos, "skip": f"quality: {q:.3g} < {cfg.quality_min}"}
   bucket = choose_bucket(imgs[0].shape[0], imgs[0].shape[1], buckets)
@@ -299,9 +305,11 @@ class TrainIterator(grain.DatasetIterator):
   """
 
   def __init__(self, parent: _BucketBatchIterator, tokenizer_fn: TokenizerFn, max_length: int,
-               sharding: jax.sharding.Sharding | None):
+               sharding: jax.sharding.Sharding | None,
+               negative_fn: Callable[[str], str] | None = None):
     super().__init__(parent)
     self._tokenizer_fn = tokenizer_fn
+    self._negative_fn = negative_fn
     self._max_length = max_length
     self._sharding = sharding
     self.last_host_batch: dict[str, Any] = {}
@@ -316,13 +324,12 @@ class TrainIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, Any]:
     b = next(self._parent)
-    n = len(b["caption"])
-    ids = np.asarray(self._tokenizer_fn(list(b["caption"])))
-    if ids.ndim != 2 or ids.shape[0] != n:
-      raise ValueError(f"tokenizer_fn must return [n={n}, L] token ids, got shape {ids.shape}")
-    if self._max_length and ids.shape[1] != self._max_length:
-      raise ValueError(f"tokenizer_fn returned length {ids.shape[1]} but config.max_length={self._max_length}")
-    batch = {"image": image_decode.to_float(b["image"]), "input_ids": ids.astype(np.int32)}
+    captions = list(b["caption"])
+    batch = {"image": image_decode.to_float(b["image"]), "input_ids": self._tokenize(captions)}
+    if self._negative_fn is not None:
+      negatives = [self._negative_fn(c) if c else c for c in captions]
+      batch["neg_input_ids"] = self._tokenize(negatives)
+      batch["neg_mask"] = np.asarray([n != c for n, c in zip(negatives, captions)], np.float32)
     if "image_l" in b:
       batch["image_l"] = image_decode.to_float(b["image_l"])
     if "loss_weight" in b:
@@ -333,6 +340,15 @@ class TrainIterator(grain.DatasetIterator):
     if self._sharding is not None:
       batch = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
     return batch
+
+  def _tokenize(self, captions: list[str]) -> np.ndarray:
+    n = len(captions)
+    ids = np.asarray(self._tokenizer_fn(captions))
+    if ids.ndim != 2 or ids.shape[0] != n:
+      raise ValueError(f"tokenizer_fn must return [n={n}, L] token ids, got shape {ids.shape}")
+    if self._max_length and ids.shape[1] != self._max_length:
+      raise ValueError(f"tokenizer_fn returned length {ids.shape[1]} but config.max_length={self._max_length}")
+    return ids.astype(np.int32)
 
   def get_state(self) -> dict[str, Any]:
     return self._parent.get_state()
@@ -404,5 +420,10 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer_fn: TokenizerF
   if cfg.worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                            per_worker_buffer_size=cfg.worker_buffer_size))
+  negative_fn = None
+  if cfg.negative_caption:
+    hook, size = _import_hook(cfg.negative_caption, "negative_caption"), int(cfg.image_size)
+    negative_fn = lambda caption: hook(caption, size)  # noqa: E731
   batches = _BucketBatchIterator(iter(it_ds), elements, global_batch_size // pc)
-  return TrainIterator(batches, tokenizer_fn, cfg.max_length, batch_sharding(mesh) if mesh is not None else None)
+  return TrainIterator(batches, tokenizer_fn, cfg.max_length, batch_sharding(mesh) if mesh is not None else None,
+                       negative_fn)

@@ -71,7 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
       # (the denoiser's in_channels must be twice the latent channels); t_sampler "uniform" or "logit_normal"
       # (timestep density, with logit_mean / logit_std).
       prediction_type="epsilon", snr_gamma=0.0, weight_floor=0.0, noise_offset=0.0, loss_type="l2",
-      cond_dropout=0.1, sigma_data=0.0, self_condition=0.0, t_sampler="uniform", logit_mean=0.0, logit_std=1.0))
+      cond_dropout=0.1, sigma_data=0.0, self_condition=0.0, t_sampler="uniform", logit_mean=0.0, logit_std=1.0,
+      # Caption-contrastive denoising (t2i.objectives.diffusion.caption_contrast) against config.data's
+      # negative_caption: weight 0 = off; scale = 1 / the relative margin it aims for; rows > 0 = extra pass
+      # on that many rows per batch (0 = all).
+      contrast=dict(weight=0.0, scale=10.0, rows=0)))
   c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=16, vocab_size=0))
   # A second tokenizer (FLUX's T5, SDXL's OpenCLIP): its ids follow the first's in "input_ids" and feed
   # text_encoder_2 (t2i.train.models.Tokenizer). None: one tokenizer feeds every text encoder.

@@ -77,7 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.vae = common.module_config("t2i.models.patch_ae.SpaceToDepth", dict(factor=4))
   # name: "shapes" (generated + built into data_dir on first use), "tfds" (any built dataset), "toy".
   c.data = ml_collections.ConfigDict(dict(name="shapes", dataset="", data_dir="~/t2i_data", shapes_split="train",
-                                          shapes_num=10000, caption_dropout=0.0, flip=False, worker_count=0))
+                                          shapes_num=10000, caption_dropout=0.0, flip=False, worker_count=0,
+                                          negative_caption=""))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=["a red circle", "a blue square", "a yellow triangle", "a large green circle",
                "a small purple square", "two orange squares", "a red circle to the left of a blue triangle",

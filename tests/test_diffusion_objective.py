@@ -1,5 +1,6 @@
 """Noise schedules, forward process, min-SNR weights and the diffusion loss (against diffusers / numpy)."""
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -390,3 +391,72 @@ def test_timestep_density_in_the_train_loop(tmp_path):
   cfg.diffusion.t_sampler = "logitnormal"
   with pytest.raises(ValueError, match=r"config.diffusion.t_sampler must be one of"):
     loop.train(cfg, str(tmp_path / "bad"))
+
+
+def test_caption_contrast_at_known_points():
+  """softplus(-scale * (err_neg - err_true) / norm) averaged over the rows with a negative; accuracy = share of
+  those rows where the negative caption's error is larger."""
+  err_true = jnp.array([1.0, 1.0, 2.0, 0.5])
+  err_neg = jnp.array([1.5, 0.5, 2.0, 9.0])
+  mask = jnp.array([1.0, 1.0, 1.0, 0.0])
+  term, acc = D.caption_contrast(err_true, err_neg, mask, jnp.float32(0.5), 2.0)
+  sp = lambda z: np.log1p(np.exp(z))
+  np.testing.assert_allclose(float(term), (sp(-2.0) + sp(2.0) + sp(0.0)) / 3, rtol=1e-6)
+  np.testing.assert_allclose(float(acc), 1 / 3, rtol=1e-6)
+  term, acc = D.caption_contrast(err_true, err_neg, jnp.zeros(4), jnp.float32(0.5), 2.0)
+  assert float(term) == 0.0 and float(acc) == 0.0  # no negatives: no term
+
+
+def test_diffusion_loss_with_caption_contrast():
+  """The extra pass sees the same x_t and t under the negative captions, on the rows that have one (first
+  `contrast_rows` of them); its term is added with `contrast_weight` and has a gradient through both captions."""
+  s = D.make_schedule("cosine")
+  x0, _ = _data(3, (4, 3, 3, 2))
+  cond = {"bias": jnp.zeros((4, 2))}
+  neg = {"bias": jnp.array([[0.0, 0.0], [0.3, 0.3], [0.0, 0.0], [-0.2, 0.1]])}
+  neg_mask = jnp.array([0.0, 1.0, 0.0, 1.0])
+  rng = jax.random.key(5)
+  fn = lambda w: (lambda x, t, c: w * x + c["bias"][:, None, None, :])  # noqa: E731
+
+  def run(w, rows):
+    return D.diffusion_loss(fn(w), x0, cond, rng, s, prediction_type="sample", neg_cond=neg, neg_mask=neg_mask,
+                            contrast_weight=0.5, contrast_scale=4.0, contrast_rows=rows)
+  base, _ = D.diffusion_loss(fn(0.7), x0, cond, rng, s, prediction_type="sample")
+  noise, t = D.sample_noise_and_t(rng, x0.shape, s)
+  x_t = D.add_noise(s, x0, noise, t)
+  err_true = D.per_example_error(fn(0.7)(x_t, t, cond), x0)
+  err_neg = D.per_example_error(fn(0.7)(x_t, t, neg), x0)
+  want, want_acc = D.caption_contrast(err_true[1::2], err_neg[1::2], jnp.ones(2), jnp.mean(err_true), 4.0)
+  for rows in (0, 2):  # all rows, or the two with negatives
+    loss, metrics = run(0.7, rows)
+    np.testing.assert_allclose(float(metrics["contrast"]), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(base) + 0.5 * float(want), rtol=1e-5)
+    assert float(metrics["contrast_acc"]) == float(want_acc)
+  assert np.isfinite(float(jax.grad(lambda w: run(w, 2)[0])(0.7)))
+  with pytest.raises(ValueError, match="neg_cond and neg_mask"):
+    D.diffusion_loss(fn(0.7), x0, cond, rng, s, contrast_weight=0.5)
+
+
+def test_caption_contrast_in_the_train_loop(tmp_path):
+  """config.data.negative_caption feeds the negatives through the pipeline; config.diffusion.contrast trains on
+  them through the one loop; the contrast without negatives fails naming the data key."""
+  from PIL import Image
+  from data_pipelines import ingest
+  from experiments import sd_shapes
+  from t2i.train import loop
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i in range(4):
+    Image.fromarray(np.full((16, 16, 3), 50 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / f"{i}.txt").write_text("a red circle to the left of a blue square" if i % 2 else "a red circle")
+  ingest.ingest_folder(folder, tmp_path / "data", verbose=False)
+  cfg = sd_shapes.get_config("smoke")
+  cfg.total_steps, cfg.eval.every = 2, 0
+  cfg.data = ml_collections.ConfigDict(dict(name="tfds", dataset="image_folder", data_dir=str(tmp_path / "data"),
+                                            caption_dropout=0.0))
+  cfg.diffusion.contrast.update(weight=0.5, rows=2)
+  with pytest.raises(ValueError, match="config.data.negative_caption"):
+    loop.train(cfg, str(tmp_path / "no_negatives"))
+  cfg.data.negative_caption = "data_pipelines.shapes.captions.flipped_caption"
+  m = loop.train(cfg, str(tmp_path / "run"))
+  assert np.isfinite(float(m["loss"])) and float(m["contrast"]) > 0, m

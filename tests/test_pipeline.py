@@ -377,3 +377,25 @@ def test_worker_processes_match_in_process(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.split("RESULT ", 1)[1])
   assert result["0"] == result["1"] == result["resumed0"] == result["resumed1"]
+
+
+def test_negative_caption_hook():
+  """config.negative_caption: batches carry the negatives' token ids and a mask of the rows it changed; an empty
+  (dropped) caption has none; a name that does not import fails naming the key."""
+  captions = ["a red circle to the left of a blue square", "a red circle", "a red circle at (3, 4)", "three squares"]
+  records = [{"image": _png(np.full((16, 16, 3), 9 * i, np.uint8)), "caption": captions[i % 4].encode()}
+             for i in range(8)]
+  it = pipeline.make_train_iterator(config(negative_caption="data_pipelines.shapes.captions.flipped_caption"),
+                                    hash_tokenizer, 8, source=records, seed=0)
+  b = take(it, 1)[0]
+  for cap, ids, neg, m in zip(b["caption"], b["input_ids"], b["neg_input_ids"], b["neg_mask"]):
+    changed = "left of" in cap or "(" in cap
+    assert m == float(changed)
+    want = cap.replace("left", "right").replace("(3, 4)", "(13, 12)")  # mirrored in the 16-px frame
+    np.testing.assert_array_equal(neg, hash_tokenizer([want])[0])
+    assert (neg != ids).any() == changed
+  dropped = pipeline.make_train_iterator(config(negative_caption="data_pipelines.shapes.captions.flipped_caption",
+                                                caption_dropout=1.0), hash_tokenizer, 8, source=records, seed=0)
+  assert not np.asarray(next(dropped)["neg_mask"]).any()
+  with pytest.raises(ValueError, match="config.data.negative_caption='no.such.fn'"):
+    pipeline.make_train_iterator(config(negative_caption="no.such.fn"), hash_tokenizer, 8, source=records)

@@ -153,14 +153,3 @@ def test_conditioning_benchmark_rows(workdir, tmp_path):
   assert rc == 0, err[-3000:]
   row = json.loads(open(out).read().splitlines()[-1])
   assert np.isfinite(row["flipped"]) and row["flipped"] != row["true"]
-
-
-def test_flipped_captions():
-  from benchmarks.eval_common import flipped_caption
-  assert flipped_caption("a red circle placed to the left of a blue square", 32) == \
-      "a red circle placed to the right of a blue square"
-  assert flipped_caption("a red circle above a blue square, blurry", 32) == "a red circle below a blue square, blurry"
-  assert flipped_caption("a red circle at (9, 15) on a dark background", 32) == \
-      "a red circle at (23, 17) on a dark background"
-  assert flipped_caption("a red circle located at x=9, y=15", 64) == "a red circle located at x=55, y=49"
-  assert flipped_caption("three red circles", 32) == "three red circles"

@@ -82,6 +82,17 @@ def test_parse_errors(text):
     shapes.parse_prompt(text)
 
 
+def test_flipped_captions():
+  from data_pipelines.shapes.captions import flipped_caption
+  assert flipped_caption("a red circle placed to the left of a blue square", 32) == \
+      "a red circle placed to the right of a blue square"
+  assert flipped_caption("a red circle above a blue square, blurry", 32) == "a red circle below a blue square, blurry"
+  assert flipped_caption("a red circle at (9, 15) on a dark background", 32) == \
+      "a red circle at (23, 17) on a dark background"
+  assert flipped_caption("a red circle located at x=9, y=15", 64) == "a red circle located at x=55, y=49"
+  assert flipped_caption("three red circles", 32) == "three red circles"
+
+
 def test_eval_prompts_cover_families_counts_and_heldout():
   prompts = shapes.eval_prompts(12, seed=3, size=64)
   assert len(prompts) == 72

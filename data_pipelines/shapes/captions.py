@@ -95,6 +95,18 @@ def text_for(spec: dict[str, Any], template: int | None = None, rng: np.random.G
   return _articles(text)
 
 
+def flipped_caption(caption: str, size: int) -> str:
+  """The caption with its spatial relation reversed, or its grounding point mirrored through the centre of a
+  `size`-px image ("(9, 15)" -> "(23, 17)" at 32 px); unchanged if it names neither. A caption that the image
+  contradicts only in where things are: the conditioning probe (`benchmarks.conditioning`) and the negative
+  captions of relation-contrastive training (`config.data.negative_caption`)."""
+  for rel, opposite in palette.OPPOSITE_RELATION.items():
+    if f" {rel} " in caption:
+      return caption.replace(f" {rel} ", f" {opposite} ", 1)
+  mirror = lambda m: f"{m.group(1)}{size - int(m.group(2))}{m.group(3)}{size - int(m.group(4))}"  # noqa: E731
+  return re.sub(r"(\(|x=)(\d+)(, (?:y=)?)(\d+)", mirror, caption, count=1)
+
+
 # ----------------------------------------------------------------------------------------------- parsing
 
 def _alt(words) -> str:

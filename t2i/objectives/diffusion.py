@@ -286,7 +286,9 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
                    noise_offset: float = 0.0, loss_type: str = "l2", huber_c: float = 0.1,
                    mask: jax.Array | None = None, self_condition: float = 0.0, t_sampler: str = "uniform",
                    logit_mean: float = 0.0, logit_std: float = 1.0,
-                   sample_weight: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   sample_weight: jax.Array | None = None, neg_cond: PyTree | None = None,
+                   neg_mask: jax.Array | None = None, contrast_weight: float = 0.0, contrast_scale: float = 10.0,
+                   contrast_rows: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Denoising loss: mean over the batch of `per_example_error` at timesteps drawn per `t_sampler`.
 
   Args:
@@ -301,14 +303,20 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
       x0 estimate, so the network learns to refine its own estimate.
     t_sampler, logit_mean, logit_std: the timestep density (`sample_noise_and_t`).
     sample_weight: optional [B] factors on each example's loss (e.g. DreamBooth's prior-preservation weight).
+    neg_cond, neg_mask, contrast_weight, contrast_scale, contrast_rows: caption-contrastive denoising
+      (`caption_contrast`) on negative captions `neg_cond` (rows where neg_mask [B] is 1), added with
+      `contrast_weight` > 0; `contrast_rows` > 0 runs the extra pass on that many rows only (those with
+      negatives first).
   Returns:
-    (scalar loss, metrics) where metrics holds "loss", "mse" (unweighted) and "weight_mean".
+    (scalar loss, metrics) where metrics holds "loss", "mse" (unweighted) and "weight_mean"; with the contrast
+    also "contrast" (its term) and "contrast_acc" (share of negative rows whose error exceeds the true one).
   """
   _check_prediction_type(prediction_type)
   rng, sc_rng = jax.random.split(rng) if self_condition else (rng, None)
   noise, t = sample_noise_and_t(rng, x0.shape, schedule, noise_offset, t_sampler, logit_mean, logit_std)
   noise = noise.astype(x0.dtype)
   x_t = add_noise(schedule, x0, noise, t)
+  inp = x_t
   if self_condition:
     zeros = jnp.zeros_like(x_t)
 
@@ -316,12 +324,45 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
       first = denoise_fn(self_conditioned_input(x_t, zeros), t, cond)
       return jax.lax.stop_gradient(x0_from_prediction(schedule, x_t, first, t, prediction_type).astype(x_t.dtype))
     use = jax.random.uniform(sc_rng) < self_condition
-    pred = denoise_fn(self_conditioned_input(x_t, jax.lax.cond(use, estimate, lambda: zeros)), t, cond)
-  else:
-    pred = denoise_fn(x_t, t, cond)
+    inp = self_conditioned_input(x_t, jax.lax.cond(use, estimate, lambda: zeros))
+  pred = denoise_fn(inp, t, cond)
   tgt = target(schedule, x0, noise, t, prediction_type)
   w = loss_weights(schedule, t, prediction_type, snr_gamma, weight_floor)
   per_ex = per_example_error(pred, tgt, w, mask, loss_type=loss_type, huber_c=huber_c)
   loss = jnp.mean(per_ex if sample_weight is None else per_ex * sample_weight)
   mse = jnp.mean(per_example_error(jax.lax.stop_gradient(pred), tgt, None, mask, loss_type="l2"))
-  return loss, {"loss": loss, "mse": mse, "weight_mean": jnp.mean(w)}
+  metrics = {"mse": mse, "weight_mean": jnp.mean(w)}
+  if contrast_weight > 0:
+    if neg_cond is None or neg_mask is None:
+      raise ValueError("contrast_weight > 0 needs neg_cond and neg_mask (config.data.negative_caption)")
+    rows = jnp.argsort(1.0 - neg_mask.astype(jnp.float32), stable=True)  # rows with a negative first
+    rows = rows[:contrast_rows] if 0 < contrast_rows < rows.shape[0] else rows
+    take = lambda a: jnp.take(a, rows, axis=0)  # noqa: E731
+    pred_neg = denoise_fn(take(inp), take(t), jax.tree.map(take, neg_cond))
+    err_neg = per_example_error(pred_neg, take(tgt), take(w), None if mask is None else take(mask),
+                                loss_type=loss_type, huber_c=huber_c)
+    term, acc = caption_contrast(take(per_ex), err_neg, take(neg_mask), jax.lax.stop_gradient(jnp.mean(per_ex)),
+                                 contrast_scale)
+    loss = loss + contrast_weight * term
+    metrics.update(contrast=term, contrast_acc=acc)
+  return loss, {"loss": loss, **metrics}
+
+
+def caption_contrast(err_true: jax.Array, err_neg: jax.Array, neg_mask: jax.Array, norm: jax.Array,
+                     scale: float) -> tuple[jax.Array, jax.Array]:
+  """Caption-contrastive denoising: mean over rows with a negative caption of softplus(-scale * margin),
+  margin = (err_neg - err_true) / norm.
+
+  Treats the denoiser as a classifier between the true caption and a negative one that the image contradicts
+  only in, say, a spatial relation (logits -error / norm), in the spirit of diffusion classifiers and of
+  Diffusion-DPO's pairwise form. The plain denoising loss rewards knowing a relation only through the small error
+  reduction it buys at high noise; this term asks for it directly and saturates once the margin is about
+  3 / scale. `norm` (the batch's mean true error, no gradient) keeps low-noise rows, whose errors are tiny,
+  from dominating. Returns (term, share of negative rows with err_neg > err_true).
+  """
+  m = neg_mask.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  margin = (err_neg - err_true) / jnp.maximum(norm, 1e-12)
+  term = jnp.sum(jax.nn.softplus(-scale * margin) * m) / n
+  acc = jnp.sum((margin > 0).astype(jnp.float32) * m) / n
+  return term, acc

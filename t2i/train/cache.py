@@ -23,7 +23,7 @@ def text_frozen(models: T2IModels) -> bool:
 
 def encode_batch(models: T2IModels, frozen: dict, batch: dict) -> dict:
   """What the cache stores for one batch (pure; jit it)."""
-  out = {k: batch[k] for k in ("input_ids", "loss_weight", "mask") if k in batch}
+  out = {k: batch[k] for k in ("input_ids", "loss_weight", "mask", "neg_input_ids", "neg_mask") if k in batch}
   if models.vae is not None:
     out["latent_mean"], out["latent_logvar"] = models.vae.apply({"params": frozen["vae"]}, batch["image"],
                                                                 method="encode")

@@ -201,7 +201,8 @@ class T2IModels:
   def batch_shapes(self, batch_size: int, pair: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
     """"image" [B, S, S, 3] float32 in [-1, 1], "input_ids" [B, L] int32 (+ "image_l" for pair objectives,
     + "loss_weight" [B] float32 when a data source weighs its samples: `pipeline.has_loss_weights`, + "mask"
-    [B, S, S, 1] float32 in [0, 1] with config.data.alpha_mask)."""
+    [B, S, S, 1] float32 in [0, 1] with config.data.alpha_mask, + "neg_input_ids" [B, L] int32 and "neg_mask"
+    [B] float32 with config.data.negative_caption)."""
     from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
     s = self.image_size
     shapes = {"image": ((batch_size, s, s, 3), jnp.float32), "input_ids": ((batch_size, self.max_length), jnp.int32)}
@@ -212,6 +213,9 @@ class T2IModels:
       shapes["loss_weight"] = ((batch_size,), jnp.float32)
     if data is not None and data.get("alpha_mask") and not pair:
       shapes["mask"] = ((batch_size, s, s, 1), jnp.float32)
+    if data is not None and data.get("negative_caption") and not pair:
+      shapes["neg_input_ids"] = shapes["input_ids"]
+      shapes["neg_mask"] = ((batch_size,), jnp.float32)
     return shapes
 
   def noise(self, seeds: jax.Array) -> jax.Array:

@@ -40,13 +40,18 @@ class Objective:
 
 # ------------------------------------------------------------------------------------------------ shared pieces
 
+def cond_drop(rng: jax.Array, dropout: float, n: int) -> jax.Array:
+  """bool [n]: the rows `conditioning` makes unconditional for the same `rng` and `dropout`."""
+  return jax.random.bernoulli(rng, dropout, (n,))
+
+
 def conditioning(p: dict, batch: dict, rng: jax.Array, models, dropout: float = 0.0) -> dict:
   """The denoiser's conditioning for the batch; with `dropout` > 0 that fraction of rows becomes unconditional.
 
   Cached embeddings (t2i.train.cache: keys "cond.<name>") are used when the batch has them.
   """
   ids = batch["input_ids"]
-  drop = jax.random.bernoulli(rng, dropout, (ids.shape[0],)) if dropout > 0 else None
+  drop = cond_drop(rng, dropout, ids.shape[0]) if dropout > 0 else None
   cached = {k[5:]: v for k, v in batch.items() if k.startswith("cond.")}
   if cached:
     if drop is None:
@@ -133,18 +138,32 @@ def _flow_t_kw(models) -> dict:
 # ------------------------------------------------------------------------------------------------ diffusion
 
 def diffusion_loss(params, frozen, batch, rng, models):
+  """Denoising loss (config.diffusion); config.diffusion.contrast = {weight, scale, rows} adds caption-contrastive
+  denoising against batch["neg_input_ids"] (config.data.negative_caption) on the rows not dropped for CFG."""
   from t2i.objectives import diffusion
   cfg = models.config.diffusion
   p = {**frozen, **params}
   r_drop, r_lat, r_loss = jax.random.split(rng, 3)
-  cond = conditioning(p, batch, r_drop, models, float(cfg.get("cond_dropout", 0.0)))
+  dropout = float(cfg.get("cond_dropout", 0.0))
+  cond = conditioning(p, batch, r_drop, models, dropout)
   x0 = latents(p, batch, r_lat, models)
+  contrast = dict(cfg.get("contrast") or {})
+  kw = {}
+  if float(contrast.get("weight", 0.0)) > 0:
+    if "neg_input_ids" not in batch:
+      raise ValueError("config.diffusion.contrast.weight > 0 needs negative captions: set "
+                       "config.data.negative_caption (e.g. data_pipelines.shapes.captions.flipped_caption)")
+    kept = 1.0 - cond_drop(r_drop, dropout, batch["input_ids"].shape[0]).astype(jnp.float32)
+    kw = dict(neg_cond=models.cond(p, batch["neg_input_ids"], batch.get("time_ids")),
+              neg_mask=batch["neg_mask"] * kept, contrast_weight=float(contrast["weight"]),
+              contrast_scale=float(contrast.get("scale", 10.0)), contrast_rows=int(contrast.get("rows", 0)))
   return diffusion.diffusion_loss(
       _denoise_fn(p, models), x0, cond, r_loss, models.schedule,
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
       weight_floor=float(cfg.get("weight_floor") or 0.0), noise_offset=float(cfg.get("noise_offset", 0.0)),
       loss_type=cfg.get("loss_type", "l2"), self_condition=models.self_condition,
-      mask=latent_mask(batch, x0), sample_weight=batch.get("loss_weight"), **_t_kw(models, "diffusion", "uniform"))
+      mask=latent_mask(batch, x0), sample_weight=batch.get("loss_weight"), **_t_kw(models, "diffusion", "uniform"),
+      **kw)
 
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,

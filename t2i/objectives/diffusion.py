@@ -359,6 +359,8 @@ def caption_contrast(err_true: jax.Array, err_neg: jax.Array, neg_mask: jax.Arra
   reduction it buys at high noise; this term asks for it directly and saturates once the margin is about
   3 / scale. `norm` (the batch's mean true error, no gradient) keeps low-noise rows, whose errors are tiny,
   from dominating. Returns (term, share of negative rows with err_neg > err_true).
+  Measured (docs/results.md, session 20): at weight 1 on shapes-bench the model learns to spoil its estimate when
+  the caption disagrees with x_t, which ruins sampling; use small weights.
   """
   m = neg_mask.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(m), 1.0)

@@ -25,8 +25,7 @@ if __package__ in (None, ""):
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.eval_common import (check_level_args, clean_renders, emit, load_denoiser,  # noqa: E402
-                                    x0_estimate)
+from benchmarks.eval_common import check_level_args, clean_renders, emit, load_denoiser, x0_estimate  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Train workdirs (U-Net diffusion or rectified-flow runs).")
 _LEVELS = flags.DEFINE_list("levels", ["0.05", "0.2", "0.4", "0.6", "0.8", "0.95"], "Noise levels in [0, 1].")

@@ -1,8 +1,7 @@
 """Pieces shared by the shapes-bench scoring scripts (`benchmarks.shapes_eval`, `benchmarks.cm3_eval`,
 `benchmarks.conditioning`, `benchmarks.denoise_scores`): the eval prompt list, sample-then-score into a temporary
 folder, JSON-line output, a workdir's denoiser and its one-step clean estimate, clean renders of one prompt
-family and their pass rates, captions with the relation reversed. No flags, so any script (and any test) can import
-it."""
+family and their pass rates. No flags, so any script (and any test) can import it."""
 from __future__ import annotations
 
 import json

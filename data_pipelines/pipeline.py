@@ -61,7 +61,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       # Negative captions: "module.function" (caption, image_size) -> the caption changed so that the image
       # contradicts it (e.g. "data_pipelines.shapes.captions.flipped_caption": relation reversed, point
       # mirrored). Batches then get "neg_input_ids" and "neg_mask" f32 [B] (1 where the function changed a
-      # non-empty caption), for config.diffusion.contrast (relation-contrastive denoising).
+      # non-empty caption), for config.diffusion.contrast (caption-contrastive denoising).
       "negative_caption": "",
       # Captions (kohya-style): prefix prepended to every caption (a trigger word, e.g. "sks dog, "); tag shuffle
       # of the comma-separated caption, keeping its first keep_tokens tags in place. Dropout still empties it all.

@@ -99,7 +99,7 @@ def flipped_caption(caption: str, size: int) -> str:
   """The caption with its spatial relation reversed, or its grounding point mirrored through the centre of a
   `size`-px image ("(9, 15)" -> "(23, 17)" at 32 px); unchanged if it names neither. A caption that the image
   contradicts only in where things are: the conditioning probe (`benchmarks.conditioning`) and the negative
-  captions of relation-contrastive training (`config.data.negative_caption`)."""
+  captions of caption-contrastive denoising (`config.data.negative_caption`)."""
   for rel, opposite in palette.OPPOSITE_RELATION.items():
     if f" {rel} " in caption:
       return caption.replace(f" {rel} ", f" {opposite} ", 1)

@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       # negative_caption: weight 0 = off; scale = 1 / the relative margin it aims for; rows > 0 = extra pass
       # on that many rows per batch (0 = all).
       contrast=dict(weight=0.0, scale=10.0, rows=0)))
-  c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=16, vocab_size=0))
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=24, vocab_size=0))
   # A second tokenizer (FLUX's T5, SDXL's OpenCLIP): its ids follow the first's in "input_ids" and feed
   # text_encoder_2 (t2i.train.models.Tokenizer). None: one tokenizer feeds every text encoder.
   c.tokenizer_2 = None

@@ -408,8 +408,9 @@ def test_caption_contrast_at_known_points():
 
 
 def test_diffusion_loss_with_caption_contrast():
-  """The extra pass sees the same x_t and t under the negative captions, on the rows that have one (first
-  `contrast_rows` of them); its term is added with `contrast_weight` and has a gradient through both captions."""
+  """The extra pass sees the same x_t and t under the negative captions of rows `neg_rows` (all rows, or the ones
+  `contrast_rows` picks: those with a negative first); its term is added with `contrast_weight` and has a
+  gradient through both captions."""
   s = D.make_schedule("cosine")
   x0, _ = _data(3, (4, 3, 3, 2))
   cond = {"bias": jnp.zeros((4, 2))}
@@ -418,17 +419,22 @@ def test_diffusion_loss_with_caption_contrast():
   rng = jax.random.key(5)
   fn = lambda w: (lambda x, t, c: w * x + c["bias"][:, None, None, :])  # noqa: E731
 
-  def run(w, rows):
-    return D.diffusion_loss(fn(w), x0, cond, rng, s, prediction_type="sample", neg_cond=neg, neg_mask=neg_mask,
-                            contrast_weight=0.5, contrast_scale=4.0, contrast_rows=rows)
+  def run(w, n):
+    rows = None if n == 0 else D.contrast_rows(neg_mask, n)
+    take = (lambda a: a) if rows is None else (lambda a: jnp.take(a, rows, axis=0))
+    return D.diffusion_loss(fn(w), x0, cond, rng, s, prediction_type="sample", neg_cond=jax.tree.map(take, neg),
+                            neg_mask=take(neg_mask), contrast_weight=0.5, contrast_scale=4.0, neg_rows=rows)
   base, _ = D.diffusion_loss(fn(0.7), x0, cond, rng, s, prediction_type="sample")
   noise, t = D.sample_noise_and_t(rng, x0.shape, s)
   x_t = D.add_noise(s, x0, noise, t)
   err_true = D.per_example_error(fn(0.7)(x_t, t, cond), x0)
   err_neg = D.per_example_error(fn(0.7)(x_t, t, neg), x0)
   want, want_acc = D.caption_contrast(err_true[1::2], err_neg[1::2], jnp.ones(2), jnp.mean(err_true), 4.0)
-  for rows in (0, 2):  # all rows, or the two with negatives
-    loss, metrics = run(0.7, rows)
+  np.testing.assert_array_equal(D.contrast_rows(neg_mask, 2), [1, 3])
+  np.testing.assert_array_equal(D.contrast_rows(neg_mask, 3), [1, 3, 0])
+  np.testing.assert_array_equal(D.contrast_rows(neg_mask, 0), [1, 3, 0, 2])
+  for n in (0, 2, 3):  # all rows; the two with negatives; those and one without (not counted)
+    loss, metrics = run(0.7, n)
     np.testing.assert_allclose(float(metrics["contrast"]), float(want), rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(base) + 0.5 * float(want), rtol=1e-5)
     assert float(metrics["contrast_acc"]) == float(want_acc)

@@ -83,6 +83,38 @@ def test_tokenize_pads_and_truncates_keeping_eos(built):
     tok_lib.tokenize(tok, ["x"], max_length=1)
 
 
+def test_truncation_is_reported(built, monkeypatch):
+  tok, _ = built
+  long = "a small red circle to the left of a large blue square on a dark background, noisy"
+  n = len(tok(long)["input_ids"])
+  assert tok_lib.truncated(tok, ["a red circle", long], 8) == [(n, long)]
+  assert tok_lib.truncated(tok, ["a red circle", long], n) == []
+  seen = []
+  monkeypatch.setattr(tok_lib.logging, "log_every_n_seconds", lambda level, msg, secs, *a: seen.append(msg % a))
+  tok_lib.tokenize(tok, ["a red circle"], max_length=8)
+  assert not seen
+  tok_lib.tokenize(tok, ["a red circle", long], max_length=8)
+  assert len(seen) == 1 and f"1 of 2 texts are longer than max_length=8 tokens" in seen[0]
+  assert f"{n} tokens" in seen[0] and "config.tokenizer.max_length" in seen[0]
+
+
+@pytest.mark.parametrize("experiment", ["sd_shapes", "sd_shapes:long", "flux_shapes_pretrain", "flux_shapes_sft",
+                                        "sd_shapes_dpo", "flux_shapes_dpo"])
+def test_shapes_experiments_hold_their_captions_whole(built, experiment):
+  """No caption of an experiment's training split, and no eval prompt, is cut by its config.tokenizer.max_length
+  (16 tokens cut 15 % of the training captions until session 21)."""
+  import importlib
+  from data_pipelines.shapes import evalset, records
+  tok, _ = built
+  name, _, arg = experiment.partition(":")
+  config = importlib.import_module(f"experiments.{name}").get_config(arg or None)
+  assert config.tokenizer.kind == "shapes"
+  texts = [r["caption"] for r in records.generate_records(config.data.get("shapes_split") or "train", 600,
+                                                          seed=0, size=config.image_size)]
+  texts += [p["prompt"] for p in evalset.eval_prompts(num_per_family=50, seed=7, size=config.image_size)]
+  assert tok_lib.truncated(tok, texts, config.tokenizer.max_length) == []
+
+
 def test_vocab_size_budget_and_errors(tmp_path):
   corpus = tok_lib.default_shapes_corpus()
   small = tok_lib.build_clip_tokenizer(corpus, tmp_path / "small", vocab_size=600)

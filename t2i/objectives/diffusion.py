@@ -288,7 +288,7 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
                    logit_mean: float = 0.0, logit_std: float = 1.0,
                    sample_weight: jax.Array | None = None, neg_cond: PyTree | None = None,
                    neg_mask: jax.Array | None = None, contrast_weight: float = 0.0, contrast_scale: float = 10.0,
-                   contrast_rows: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   neg_rows: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Denoising loss: mean over the batch of `per_example_error` at timesteps drawn per `t_sampler`.
 
   Args:
@@ -303,10 +303,10 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
       x0 estimate, so the network learns to refine its own estimate.
     t_sampler, logit_mean, logit_std: the timestep density (`sample_noise_and_t`).
     sample_weight: optional [B] factors on each example's loss (e.g. DreamBooth's prior-preservation weight).
-    neg_cond, neg_mask, contrast_weight, contrast_scale, contrast_rows: caption-contrastive denoising
-      (`caption_contrast`) on negative captions `neg_cond` (rows where neg_mask [B] is 1), added with
-      `contrast_weight` > 0; `contrast_rows` > 0 runs the extra pass on that many rows only (those with
-      negatives first).
+    neg_cond, neg_mask, contrast_weight, contrast_scale, neg_rows: caption-contrastive denoising
+      (`caption_contrast`), added with `contrast_weight` > 0: the denoiser runs again on batch rows `neg_rows`
+      (int [R], e.g. from `contrast_rows`; None = all B rows) under their negative captions `neg_cond` (R rows),
+      counting those where neg_mask [R] is 1.
   Returns:
     (scalar loss, metrics) where metrics holds "loss", "mse" (unweighted) and "weight_mean"; with the contrast
     also "contrast" (its term) and "contrast_acc" (share of negative rows whose error exceeds the true one).
@@ -335,17 +335,22 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
   if contrast_weight > 0:
     if neg_cond is None or neg_mask is None:
       raise ValueError("contrast_weight > 0 needs neg_cond and neg_mask (config.data.negative_caption)")
-    rows = jnp.argsort(1.0 - neg_mask.astype(jnp.float32), stable=True)  # rows with a negative first
-    rows = rows[:contrast_rows] if 0 < contrast_rows < rows.shape[0] else rows
+    rows = jnp.arange(x0.shape[0]) if neg_rows is None else neg_rows
     take = lambda a: jnp.take(a, rows, axis=0)  # noqa: E731
-    pred_neg = denoise_fn(take(inp), take(t), jax.tree.map(take, neg_cond))
+    pred_neg = denoise_fn(take(inp), take(t), neg_cond)
     err_neg = per_example_error(pred_neg, take(tgt), take(w), None if mask is None else take(mask),
                                 loss_type=loss_type, huber_c=huber_c)
-    term, acc = caption_contrast(take(per_ex), err_neg, take(neg_mask), jax.lax.stop_gradient(jnp.mean(per_ex)),
+    term, acc = caption_contrast(take(per_ex), err_neg, neg_mask, jax.lax.stop_gradient(jnp.mean(per_ex)),
                                  contrast_scale)
     loss = loss + contrast_weight * term
     metrics.update(contrast=term, contrast_acc=acc)
   return loss, {"loss": loss, **metrics}
+
+
+def contrast_rows(neg_mask: jax.Array, n: int) -> jax.Array:
+  """Indices of at most `n` rows for the contrast pass (all rows if n <= 0), those with a negative first."""
+  rows = jnp.argsort(1.0 - neg_mask.astype(jnp.float32), stable=True)
+  return rows[:n] if 0 < n < rows.shape[0] else rows
 
 
 def caption_contrast(err_true: jax.Array, err_neg: jax.Array, neg_mask: jax.Array, norm: jax.Array,

@@ -16,6 +16,7 @@ import re
 from typing import Iterable, Sequence
 
 import numpy as np
+from absl import logging
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EOW = "</w>"
@@ -90,13 +91,26 @@ def build_clip_tokenizer(corpus: Iterable[str], out_dir: str | pathlib.Path, voc
 
 def tokenize(tokenizer, texts: Sequence[str] | str, max_length: int = 77) -> np.ndarray:
   """int32 [n, max_length] ids: <|startoftext|> text <|endoftext|>, padded with the pad token to `max_length`;
-  longer texts are truncated so that <|endoftext|> stays the last token."""
+  longer texts are truncated so that <|endoftext|> stays the last token, with a warning (`truncated`)."""
   if isinstance(texts, str):
     texts = [texts]
   if max_length < 2:
     raise ValueError(f"tokenize: max_length={max_length} leaves no room for the start and end tokens")
-  enc = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True)
+  texts = list(texts)
+  enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True)
+  long = truncated(tokenizer, texts, max_length)
+  if long:
+    n, text = long[0]
+    logging.log_every_n_seconds(
+        logging.WARNING, "%d of %d texts are longer than max_length=%d tokens and were cut (e.g. %d tokens: %r); "
+        "raise config.tokenizer.max_length", 60, len(long), len(texts), max_length, n, text)
   return np.asarray(enc["input_ids"], np.int32).reshape(len(texts), max_length)
+
+
+def truncated(tokenizer, texts: Sequence[str], max_length: int) -> list[tuple[int, str]]:
+  """(token count with start and end tokens, text) of each text longer than `max_length` tokens."""
+  lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
+  return [(n, t) for n, t in zip(lengths, texts) if n > max_length]
 
 
 _COLORS = ("red", "green", "blue", "yellow", "purple", "orange")

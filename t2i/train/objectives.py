@@ -154,9 +154,12 @@ def diffusion_loss(params, frozen, batch, rng, models):
       raise ValueError("config.diffusion.contrast.weight > 0 needs negative captions: set "
                        "config.data.negative_caption (e.g. data_pipelines.shapes.captions.flipped_caption)")
     kept = 1.0 - cond_drop(r_drop, dropout, batch["input_ids"].shape[0]).astype(jnp.float32)
-    kw = dict(neg_cond=models.cond(p, batch["neg_input_ids"], batch.get("time_ids")),
-              neg_mask=batch["neg_mask"] * kept, contrast_weight=float(contrast["weight"]),
-              contrast_scale=float(contrast.get("scale", 10.0)), contrast_rows=int(contrast.get("rows", 0)))
+    neg_mask = batch["neg_mask"] * kept
+    rows = diffusion.contrast_rows(neg_mask, int(contrast.get("rows", 0)))  # encode only the rows the term uses
+    take = lambda a: None if a is None else jnp.take(a, rows, axis=0)  # noqa: E731
+    kw = dict(neg_cond=models.cond(p, take(batch["neg_input_ids"]), take(batch.get("time_ids"))),
+              neg_mask=take(neg_mask), neg_rows=rows, contrast_weight=float(contrast["weight"]),
+              contrast_scale=float(contrast.get("scale", 10.0)))
   return diffusion.diffusion_loss(
       _denoise_fn(p, models), x0, cond, r_loss, models.schedule,
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,

@@ -83,6 +83,20 @@ def test_tokenize_pads_and_truncates_keeping_eos(built):
     tok_lib.tokenize(tok, ["x"], max_length=1)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tokenize_matches_the_tokenizers_own_padding_and_truncation(built, side, monkeypatch):
+  """One pass without truncation (plus a second only for the long texts) gives what
+  tokenizer(padding="max_length", truncation=True) gives, on either padding side."""
+  tok, _ = built
+  monkeypatch.setattr(tok, "padding_side", side)
+  texts = ["a red circle", "", "a small red circle to the left of a large blue square on a dark background, noisy",
+           "three green triangles", "a blue square at (3, 7) on a white background, blurry"]
+  for length in (4, 8, 16, 32):
+    want = tok(texts, padding="max_length", max_length=length, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(tok_lib.tokenize(tok, texts, length), np.asarray(want, np.int32))
+  assert tok_lib.tokenize(tok, [], 8).shape == (0, 8)
+
+
 def test_truncation_is_reported(built, monkeypatch):
   tok, _ = built
   long = "a small red circle to the left of a large blue square on a dark background, noisy"

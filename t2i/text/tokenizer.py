@@ -90,21 +90,35 @@ def build_clip_tokenizer(corpus: Iterable[str], out_dir: str | pathlib.Path, voc
 
 
 def tokenize(tokenizer, texts: Sequence[str] | str, max_length: int = 77) -> np.ndarray:
-  """int32 [n, max_length] ids: <|startoftext|> text <|endoftext|>, padded with the pad token to `max_length`;
-  longer texts are truncated so that <|endoftext|> stays the last token, with a warning (`truncated`)."""
+  """int32 [n, max_length] ids: <|startoftext|> text <|endoftext|>, padded with the pad token to `max_length`
+  (on the tokenizer's padding side); longer texts are truncated as the tokenizer truncates them, so that
+  <|endoftext|> stays the last token, with a warning naming the count and an example.
+
+  Each text is tokenized once; only the texts that are too long are tokenized again, with truncation.
+  """
   if isinstance(texts, str):
     texts = [texts]
   if max_length < 2:
     raise ValueError(f"tokenize: max_length={max_length} leaves no room for the start and end tokens")
   texts = list(texts)
-  enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True)
-  long = truncated(tokenizer, texts, max_length)
+  rows = list(tokenizer(texts, truncation=False)["input_ids"]) if texts else []
+  long = [i for i, ids in enumerate(rows) if len(ids) > max_length]
   if long:
-    n, text = long[0]
+    cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
     logging.log_every_n_seconds(
         logging.WARNING, "%d of %d texts are longer than max_length=%d tokens and were cut (e.g. %d tokens: %r); "
-        "raise config.tokenizer.max_length", 60, len(long), len(texts), max_length, n, text)
-  return np.asarray(enc["input_ids"], np.int32).reshape(len(texts), max_length)
+        "raise config.tokenizer.max_length", 60, len(long), len(texts), max_length, len(rows[long[0]]),
+        texts[long[0]])
+    for i, ids in zip(long, cut):
+      rows[i] = ids
+  out = np.full((len(texts), max_length), tokenizer.pad_token_id, np.int32)
+  left = getattr(tokenizer, "padding_side", "right") == "left"
+  for i, ids in enumerate(rows):
+    if left:
+      out[i, max_length - len(ids):] = ids
+    else:
+      out[i, :len(ids)] = ids
+  return out
 
 
 def truncated(tokenizer, texts: Sequence[str], max_length: int) -> list[tuple[int, str]]:

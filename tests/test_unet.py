@@ -248,3 +248,32 @@ def test_coordinate_embedding(tiny):
   np.testing.assert_allclose(f[0, :, 1], [-0.5, 0.5], atol=1e-7)  # x
   np.testing.assert_allclose(f[0, 1, 3], np.sin(np.pi * 0.5), atol=1e-6)  # sin(pi x) at x = 0.5
   np.testing.assert_allclose(f[0, 1, 5], np.cos(np.pi * 0.5), atol=1e-6)  # cos(pi x)
+
+
+def test_token_order_keys(tiny):
+  """TENOR: without it cross-attention cannot tell the text tokens' order (permuting them leaves the output
+  unchanged); with it the output depends on the order (also with scanned blocks); it adds no parameters, and the
+  keys it feeds are to_k(context + sinusoidal encoding of the token index)."""
+  from t2i.models.unet import BLOCK_KINDS, Attention, token_order_encoding
+  from t2i.nn.scan import stack_layers
+  module, params, inputs, plain_out = tiny
+  tenor = module.clone(token_order_keys=True)
+  assert jax.tree.structure(abstract_params(tenor)) == jax.tree.structure(abstract_params(module))
+  perm = {**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][:, ::-1]}
+  apply = jax.jit(lambda m, p, x: m.apply({"params": p}, **x), static_argnums=0)
+  np.testing.assert_allclose(apply(module, params, perm), plain_out, rtol=1e-4, atol=1e-5)
+  out = apply(tenor, params, inputs)
+  assert float(jnp.abs(out - plain_out).max()) > 1e-3
+  assert float(jnp.abs(apply(tenor, params, perm) - out).max()) > 1e-3
+  scan_out = apply(tenor.clone(scan_layers=True), stack_layers(params, BLOCK_KINDS), inputs)
+  np.testing.assert_allclose(scan_out, out, rtol=1e-4, atol=1e-5)
+
+  ctx = inputs["encoder_hidden_states"]
+  attn = Attention(heads=2, head_dim=4, out_features=8, token_order_keys=True)
+  p = nn.meta.unbox(attn.init(jax.random.key(0), jnp.zeros((2, 3, 8)), ctx)["params"])
+  k, v = attn.apply({"params": p}, ctx, method="project_kv")
+  pe = token_order_encoding(ctx.shape[1], ctx.shape[2])
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(k, (ctx + pe) @ p["to_k"]["dense"]["kernel"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v, ctx @ p["to_v"]["dense"]["kernel"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pe[0, :], [0.0] * (ctx.shape[2] // 2) + [1.0] * (ctx.shape[2] // 2))  # index 0

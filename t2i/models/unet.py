@@ -7,6 +7,8 @@ the number of attention *heads* per block (head size = channels / heads).
 Hooks for methods built on top:
   * every cross-attention computes its keys/values in `Attention.project_kv(context)`, which a
     caller can replace with `flax.linen.intercept_methods`;
+  * `token_order_keys=True` (CoMPaSS's TENOR) adds a sinusoidal encoding of each text token's index to the
+    context before every cross-attention's key projection (values unchanged); parameter-free;
   * with `mutable=["intermediates"]`, every cross-attention sows its probabilities
     [batch, heads, q_len, k_len] as "cross_attn_probs" (stacked on a leading axis under `scan_layers`).
 
@@ -40,6 +42,7 @@ class Attention(nn.Module):
   heads: int
   head_dim: int
   out_features: int
+  token_order_keys: bool = False  # cross-attention keys from context + token_order_encoding (TENOR)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -53,6 +56,8 @@ class Attention(nn.Module):
 
   def project_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys and values [batch, k_len, heads * head_dim] of a cross-attention's context."""
+    if self.token_order_keys:
+      return self.to_k(context + token_order_encoding(*context.shape[1:]).astype(context.dtype)), self.to_v(context)
     return self.to_k(context), self.to_v(context)
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -94,6 +99,7 @@ class TransformerBlock(nn.Module):
   """Pre-LN block: self-attention, cross-attention, GEGLU MLP, each with a residual."""
   heads: int
   head_dim: int
+  token_order_keys: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -103,7 +109,8 @@ class TransformerBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = lambda name: Attention(self.heads, self.head_dim, dim, name=name, **kw)
     x = x + attn("attn1")(LayerNorm(name="norm1", **kw)(x))
-    x = x + attn("attn2")(LayerNorm(name="norm2", **kw)(x), context)
+    cross = Attention(self.heads, self.head_dim, dim, self.token_order_keys, name="attn2", **kw)
+    x = x + cross(LayerNorm(name="norm2", **kw)(x), context)
     x = x + FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
     return constrain(x, TOKENS)
 
@@ -119,6 +126,7 @@ class SpatialTransformer(nn.Module):
   use_linear_projection: bool
   remat: bool = False
   scan: bool = False   # blocks in a jax.lax.scan, params under "transformer_blocks_stack" (t2i.nn.scan)
+  token_order_keys: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -136,12 +144,12 @@ class SpatialTransformer(nn.Module):
       y = Conv(c, (1, 1), name="proj_in", **kw)(y).reshape(b, h * w, c)
     y = constrain(y, TOKENS)
     if self.scan:
-      y = scanned(TransformerBlock, self.depth, self.remat, 1)(self.heads, c // self.heads,
+      y = scanned(TransformerBlock, self.depth, self.remat, 1)(self.heads, c // self.heads, self.token_order_keys,
                                                          name="transformer_blocks" + STACK_SUFFIX, **kw)(y, context)[0]
     else:
       block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
       for i in range(self.depth):
-        y = block(self.heads, c // self.heads, name=f"transformer_blocks_{i}", **kw)(y, context)
+        y = block(self.heads, c // self.heads, self.token_order_keys, name=f"transformer_blocks_{i}", **kw)(y, context)
     if self.use_linear_projection:
       y = Dense(c, axes=("heads", "embed"), name="proj_out", **kw)(y).reshape(b, h, w, c)
     else:
@@ -240,6 +248,10 @@ class UNet2DConditionModel(nn.Module):
   # diffusers option: 0 keeps the diffusers layout, and switching it on for a loaded checkpoint changes nothing at
   # step 0.
   coord_octaves: int = 0
+  # True: CoMPaSS's TENOR (arXiv 2412.13195): every cross-attention's keys see the text tokens' order, through a
+  # sinusoidal encoding of the token index added to the context before the key projection (values unchanged).
+  # Parameter-free, so it can be switched on for a loaded checkpoint; not a diffusers option.
+  token_order_keys: bool = False
 
   @classmethod
   def from_config(cls, config: dict[str, Any], **overrides) -> "UNet2DConditionModel":
@@ -283,7 +295,7 @@ class UNet2DConditionModel(nn.Module):
 
     def transformer(name, nheads, depth):
       return SpatialTransformer(nheads, depth, groups, self.use_linear_projection, remat=self.remat,
-                                scan=self.scan_layers, name=name, **kw)
+                                scan=self.scan_layers, token_order_keys=self.token_order_keys, name=name, **kw)
 
     b = sample.shape[0]
     if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
@@ -349,6 +361,12 @@ class UNet2DConditionModel(nn.Module):
     x = nn.silu(GroupNorm(groups, epsilon=eps, name="conv_norm_out", **kw)(x))
     x = Conv(self.out_channels, (3, 3), name="conv_out", **kw)(x)
     return x
+
+
+def token_order_encoding(length: int, dim: int) -> jax.Array:
+  """[length, dim] float32 sinusoidal encoding of token indices 0..length-1 (halves [sin, cos], periods up to
+  10,000 tokens), as TENOR adds to a cross-attention's context before its key projection."""
+  return timestep_embedding(jnp.arange(length), dim, flip_sin_to_cos=False, freq_shift=0.0)
 
 
 def coordinate_features(height: int, width: int, octaves: int) -> jax.Array:

@@ -9,7 +9,8 @@ Expected: the U-Net rows of the preference table in docs/results.md; implicit ac
 "implicit_acc") rises above 0.5. From the stronger `sd_shapes.py:long` model plain DPO textures its samples (0.457
 -> 0.330 over 1,020 prompts); add `--config.preference.sft_weight=1000` (SFT term on the winners) or
 `--config.preference.opponent_anchor=1` (0.469 each), and give the arms the start's own weighting,
-`--config.diffusion.weight_floor=1` ("Preference arms from the 12,000-step `:long` model").
+`--config.diffusion.weight_floor=1` ("Preference arms from the 12,000-step `:long` model"). A `:long` start also
+needs its caption length, `--config.tokenizer.max_length=16` (init_from refuses the run otherwise).
 Variants: `:sft` continued SFT on the real training split, same steps and batch (the baseline arm);
 `:sft_winners` the Diffusion-DPO paper's SFT-on-winners switch; `:judged` on-policy DPO: the start model samples
 4 images for each of about 850 shapes-bench prompts (prompt seed 0, none naming a held-out pair; the eval sets use

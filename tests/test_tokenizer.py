@@ -112,11 +112,12 @@ def test_truncation_is_reported(built, monkeypatch):
   assert f"{n} tokens" in seen[0] and "config.tokenizer.max_length" in seen[0]
 
 
-@pytest.mark.parametrize("experiment", ["sd_shapes", "sd_shapes:long", "flux_shapes_pretrain", "flux_shapes_sft",
-                                        "sd_shapes_dpo", "flux_shapes_dpo"])
+@pytest.mark.parametrize("experiment", ["sd_shapes", "flux_shapes_pretrain", "flux_shapes_sft", "sd_shapes_dpo",
+                                        "flux_shapes_dpo"])
 def test_shapes_experiments_hold_their_captions_whole(built, experiment):
   """No caption of an experiment's training split, and no eval prompt, is cut by its config.tokenizer.max_length
-  (16 tokens cut 15 % of the training captions until session 21)."""
+  (16 tokens cut 15 % of the training captions until session 21). `sd_shapes:long` reads 16 on purpose: it scored
+  higher so (experiments/sd_shapes.py), and its text encoder's positions follow (test below)."""
   import importlib
   from data_pipelines.shapes import evalset, records
   tok, _ = built
@@ -127,6 +128,14 @@ def test_shapes_experiments_hold_their_captions_whole(built, experiment):
                                                           seed=0, size=config.image_size)]
   texts += [p["prompt"] for p in evalset.eval_prompts(num_per_family=50, seed=7, size=config.image_size)]
   assert tok_lib.truncated(tok, texts, config.tokenizer.max_length) == []
+
+
+def test_long_shapes_recipe_reads_16_tokens_and_its_encoder_follows():
+  from experiments import sd_shapes
+  config = sd_shapes.get_config("long")
+  assert config.tokenizer.max_length == 16 and config.text_encoder.config.max_position_embeddings == 16
+  config.tokenizer.max_length = 20  # --config.tokenizer.max_length=20
+  assert config.text_encoder.config.max_position_embeddings == 20
 
 
 def test_vocab_size_budget_and_errors(tmp_path):

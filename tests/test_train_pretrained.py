@@ -100,3 +100,23 @@ def test_convert_cli_checkpoint_starts_a_run(tmp_path, scan):
   emb = state.params["text_encoder"]["token_embedding"]["embedding"]
   assert len(emb.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(emb)[:64], _clip_embedding(clip))
+
+
+def test_init_from_refuses_a_run_whose_text_encoder_read_another_length(tmp_path):
+  """A text encoder's position table of another length would stay freshly initialised (init_from keeps leaves of
+  another shape fresh): starting from such a run is an error that names the flag; a converted folder (no
+  config.json) and a source without a text encoder (a VQ run before a token LM) are not compared."""
+  import json
+  from experiments import sd_shapes
+  from t2i.train import init_from
+  src = tmp_path / "long"
+  src.mkdir()
+  (src / "config.json").write_text(sd_shapes.get_config("long").to_json_best_effort())
+  config = sd_shapes.get_config()
+  with pytest.raises(ValueError, match=r"config.json.*max_length=16 tokens.*has 24; pass --config.tokenizer.max_length=16"):
+    init_from.check_text_lengths(config, str(src))
+  config.tokenizer.max_length = 16
+  init_from.check_text_lengths(config, str(src))
+  init_from.check_text_lengths(sd_shapes.get_config(), str(tmp_path))  # no config.json
+  (src / "config.json").write_text(json.dumps({"tokenizer": {"max_length": 1}, "vq": {}}))
+  init_from.check_text_lengths(sd_shapes.get_config(), str(src))

@@ -18,6 +18,7 @@ Arrays are restored straight into this run's shardings (Orbax partial restore), 
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -142,6 +143,23 @@ def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = 
   return out
 
 
+def check_text_lengths(config: Any, workdir: str) -> None:
+  """Raises when run `workdir` fed a text encoder this run also has a different number of tokens (its position
+  table would be of another shape and stay freshly initialised): the error names the flag to pass."""
+  path = os.path.join(os.path.expanduser(workdir), "config.json")
+  if not os.path.exists(path):
+    return  # a converted checkpoint (t2i.convert) or a foreign folder: nothing to compare
+  with open(path) as f:
+    source = json.load(f)
+  for tok, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+    if not (source.get(encoder) and config.get(encoder) is not None):
+      continue
+    theirs, ours = (source.get(tok) or {}).get("max_length"), config.get(tok) and config[tok].get("max_length")
+    if theirs is not None and ours is not None and int(theirs) != int(ours):
+      raise ValueError(f"{path}: that run's {encoder} read config.{tok}.max_length={theirs} tokens, this run has "
+                       f"{ours}; pass --config.{tok}.max_length={theirs} to start from it")
+
+
 def pretrained_from_runs(config: Any, models: Any, abstract: dict[str, Any]) -> dict[str, PartialParams]:
   """Group -> PartialParams from config.init_from and config.reference (see the module docstring).
 
@@ -150,6 +168,7 @@ def pretrained_from_runs(config: Any, models: Any, abstract: dict[str, Any]) -> 
   out: dict[str, PartialParams] = {}
   init = config.get("init_from")
   if init is not None and init.get("workdir"):
+    check_text_lengths(config, init.workdir)
     wants = {g: (g, a) for g, a in abstract.items() if g != "reference" and jax.tree.leaves(a)}
     out.update(restore_groups(init.workdir, wants, bool(init.get("ema", True)), int(init.get("step", -1)),
                               grow=bool(init.get("grow", False))))

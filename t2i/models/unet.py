@@ -107,10 +107,10 @@ class TransformerBlock(nn.Module):
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = lambda name: Attention(self.heads, self.head_dim, dim, name=name, **kw)
+    # token_order_keys acts in project_kv, which only a cross-attention (attn2) calls.
+    attn = lambda name: Attention(self.heads, self.head_dim, dim, self.token_order_keys, name=name, **kw)
     x = x + attn("attn1")(LayerNorm(name="norm1", **kw)(x))
-    cross = Attention(self.heads, self.head_dim, dim, self.token_order_keys, name="attn2", **kw)
-    x = x + cross(LayerNorm(name="norm2", **kw)(x), context)
+    x = x + attn("attn2")(LayerNorm(name="norm2", **kw)(x), context)
     x = x + FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
     return constrain(x, TOKENS)
 

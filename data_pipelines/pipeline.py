@@ -63,6 +63,14 @@ def default_data_config() -> ml_collections.ConfigDict:
       # mirrored). Batches then get "neg_input_ids" and "neg_mask" f32 [B] (1 where the function changed a
       # non-empty caption), for config.diffusion.contrast (caption-contrastive denoising).
       "negative_caption": "",
+      # Attribute groups for attention grounding (CosmicMan's HOLA, config.diffusion.hola): "module.function"
+      # (caption, record) -> [(character spans of the group's words, bool mask [H, W])], e.g.
+      # "data_pipelines.shapes.groups.token_groups". Batches then get "group_masks" f32 [B, max_groups, H / p,
+      # W / p] (cropped like the image, average-pooled by p = group_mask_pool) and "group_tokens" f32
+      # [B, max_groups, L] (1 on the tokens of the group's words); unused groups are all zero, extra ones dropped.
+      "token_groups": "",
+      "max_groups": 4,
+      "group_mask_pool": 1,
       # Captions (kohya-style): prefix prepended to every caption (a trigger word, e.g. "sks dog, "); tag shuffle
       # of the comma-separated caption, keeping its first keep_tokens tags in place. Dropout still empties it all.
       "caption_prefix": "",
@@ -246,6 +254,8 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
   if u_drop < cfg.caption_dropout:
     caption = ""
   out = {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(imgs[0]), "caption": caption}
+  if cfg.token_groups:
+    out["group_spans"], out["group_masks"] = _groups(caption, record, cfg, buckets[bucket], offset)
   if loss_weights is not None:
     out["loss_weight"] = np.float32(loss_weights[record.get("_source", 0)])
   if cfg.alpha_mask:
@@ -253,6 +263,19 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
   if cfg.pair:
     out["image_l"] = np.ascontiguousarray(imgs[1])
   return out
+
+
+def _groups(caption: str, record: dict[str, Any], cfg: ml_collections.ConfigDict, out_hw: tuple[int, int],
+            offset: tuple[float, float]) -> tuple[list[list[tuple[int, int]]], np.ndarray]:
+  """(character spans per group, f32 [max_groups, h, w] masks) of config.data.token_groups for one sample."""
+  k, pool = int(cfg.max_groups), int(cfg.group_mask_pool)
+  h, w = out_hw[0] // pool, out_hw[1] // pool
+  masks = np.zeros((k, h, w), np.float32)
+  groups = list(_import_hook(cfg.token_groups, "token_groups")(caption, record))[:k] if caption else []
+  for i, (_, mask) in enumerate(groups):
+    m = resize_crop(np.asarray(mask, np.uint8) * np.uint8(255), out_hw, offset).astype(np.float32) / 255
+    masks[i] = m[:h * pool, :w * pool].reshape(h, pool, w, pool).mean(axis=(1, 3))
+  return [list(spans) for spans, _ in groups], masks
 
 
 # -------------------------------------------------------------------------------------------- iterators
@@ -281,9 +304,11 @@ class _BucketBatchIterator(grain.DatasetIterator):
         del self._buffers[el["bucket"]]
         out = {"image": np.stack([e["image"] for e in buf]), "caption": [e["caption"] for e in buf],
                "pos": np.array([e["pos"] for e in buf], np.int64)}
-        for key in ("image_l", "loss_weight", "mask"):
+        for key in ("image_l", "loss_weight", "mask", "group_masks"):
           if key in el:
             out[key] = np.stack([e[key] for e in buf])
+        if "group_spans" in el:
+          out["group_spans"] = [e["group_spans"] for e in buf]
         return out
 
   def get_state(self) -> dict[str, Any]:
@@ -336,6 +361,13 @@ class TrainIterator(grain.DatasetIterator):
       batch["loss_weight"] = b["loss_weight"]
     if "mask" in b:
       batch["mask"] = b["mask"][..., None].astype(np.float32) * np.float32(1 / 255)
+    if "group_masks" in b:
+      span_fn = getattr(self._tokenizer_fn, "span_tokens", None)
+      if span_fn is None:
+        raise ValueError("config.data.token_groups: tokenizer_fn has no span_tokens (t2i.train.models.Tokenizer)")
+      batch["group_masks"] = b["group_masks"]
+      batch["group_tokens"] = np.asarray(span_fn(captions, b["group_spans"], b["group_masks"].shape[1]),
+                                         np.float32)
     self.last_host_batch = {"caption": b["caption"], "pos": b["pos"]}
     if self._sharding is not None:
       batch = {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
@@ -401,6 +433,11 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer_fn: TokenizerF
       raise ValueError(f"config.buckets must be a list of positive (height, width) pairs, got {cfg.buckets}")
   else:
     buckets = [(cfg.image_size, cfg.image_size)]
+  if cfg.token_groups and (cfg.pair or int(cfg.max_groups) < 1 or int(cfg.group_mask_pool) < 1
+                           or any(h % int(cfg.group_mask_pool) or w % int(cfg.group_mask_pool) for h, w in buckets)):
+    raise ValueError(f"config.token_groups={cfg.token_groups!r} needs max_groups >= 1 (got {cfg.max_groups}), "
+                     f"a group_mask_pool (got {cfg.group_mask_pool}) that divides every bucket {buckets}, and no "
+                     "preference pairs (config.pair)")
   if cfg.alpha_mask and cfg.pair:
     raise ValueError("config.alpha_mask is not supported with preference pairs (config.pair)")
   if int(cfg.keep_tokens) < 0:

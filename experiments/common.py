@@ -75,7 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Caption-contrastive denoising (t2i.objectives.diffusion.caption_contrast) against config.data's
       # negative_caption: weight 0 = off; scale = 1 / the relative margin it aims for; rows > 0 = extra pass
       # on that many rows per batch (0 = all).
-      contrast=dict(weight=0.0, scale=10.0, rows=0)))
+      contrast=dict(weight=0.0, scale=10.0, rows=0),
+      # CosmicMan's HOLA attention grounding (t2i.objectives.attention) on config.data.token_groups: weight 0 =
+      # off; resolutions = side lengths of the supervised cross-attention maps (empty: all the masks pool to).
+      hola=dict(weight=0.0, resolutions=())))
   c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=24, vocab_size=0))
   # A second tokenizer (FLUX's T5, SDXL's OpenCLIP): its ids follow the first's in "input_ids" and feed
   # text_encoder_2 (t2i.train.models.Tokenizer). None: one tokenizer feeds every text encoder.
@@ -85,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Precompute pass over the first num_batches batches: frozen-VAE latents and frozen text embeddings.
   c.cache = ml_collections.ConfigDict(dict(enabled=False, num_batches=100))
   # Start from another run's or a `python -m t2i.convert` checkpoint ("" = from scratch); see t2i.train.init_from.
-  c.init_from = ml_collections.ConfigDict(dict(workdir="", ema=True, step=-1))
+  c.init_from = ml_collections.ConfigDict(dict(workdir="", ema=True, step=-1, reinit_mismatched=False))
   c.sample = ml_collections.ConfigDict(dict(prompts=["a red circle"], num_steps=25, guidance_scale=4.0,
                                             sampler="ddim", seed=0))
   c.eval = eval_config()

@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # name: "shapes" (generated + built into data_dir on first use), "tfds" (any built dataset), "toy".
   c.data = ml_collections.ConfigDict(dict(name="shapes", dataset="", data_dir="~/t2i_data", shapes_split="train",
                                           shapes_num=10000, caption_dropout=0.0, flip=False, worker_count=0,
-                                          negative_caption=""))
+                                          negative_caption="", token_groups="", max_groups=4, group_mask_pool=4))
   c.sample = ml_collections.ConfigDict(dict(
       prompts=["a red circle", "a blue square", "a yellow triangle", "a large green circle",
                "a small purple square", "two orange squares", "a red circle to the left of a blue triangle",

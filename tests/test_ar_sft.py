@@ -140,8 +140,10 @@ def test_init_from_grows_the_vocabulary(tmp_path):
   want = {"embed_tokens": {"embedding": jax.ShapeDtypeStruct((6, 3), jnp.float32, sharding=dev)},
           "lm_head": {"kernel": jax.ShapeDtypeStruct((3, 6), jnp.float32, sharding=dev)},
           "norm": {"scale": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=dev)}}
-  plain = init_from.restore_groups(str(tmp_path), {"lm": ("lm", want)})["lm"]
-  assert set(plain) == {("norm", "scale")}                       # without grow: other shapes stay fresh
+  with pytest.raises(ValueError, match=r"embed_tokens/embedding \(4, 3\) -> \(6, 3\).*grow=True"):
+    init_from.restore_groups(str(tmp_path), {"lm": ("lm", want)})  # without grow: other shapes are an error
+  plain = init_from.restore_groups(str(tmp_path), {"lm": ("lm", want)}, reinit_mismatched=True)["lm"]
+  assert set(plain) == {("norm", "scale")}                       # ... or, when asked, stay fresh
   got = init_from.restore_groups(str(tmp_path), {"lm": ("lm", want)}, grow=True)["lm"]
   emb = np.asarray(got[("embed_tokens", "embedding")])
   np.testing.assert_array_equal(emb[:4], src["lm"]["embed_tokens"]["embedding"])

@@ -102,6 +102,36 @@ def test_convert_cli_checkpoint_starts_a_run(tmp_path, scan):
   np.testing.assert_array_equal(np.asarray(emb)[:64], _clip_embedding(clip))
 
 
+def test_init_from_refuses_leaves_of_another_shape_unless_told(tmp_path):
+  """A source leaf of another shape (here the text encoder's position table: 8 positions converted, 12 wanted) is
+  an error naming it and the flag; with reinit_mismatched it stays freshly initialised and the rest is restored."""
+  from t2i.convert import __main__ as cli
+  from t2i.train import init_from
+  _, clip = _tiny_reference_folders(tmp_path / "pipe")
+  cli.convert(str(tmp_path / "ckpt"), cli.folders(str(tmp_path / "pipe"), {}))
+  cfg = sd_shapes.get_config("smoke")
+  cfg.image_size = 8
+  cfg.unet = common.module_config("t2i.models.unet.UNet2DConditionModel", dict(UNET))
+  cfg.text_encoder = common.module_config("t2i.models.text.CLIPTextModel", dict(
+      vocab_size=-1, eos_token_id=-1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, max_position_embeddings=12, hidden_act="quick_gelu"), trainable=True)
+  cfg.tokenizer.max_length = 12
+  cfg.init_from = dict(workdir=str(tmp_path / "ckpt"), ema=True, step=-1)
+  models = models_lib.build_models(cfg, models_lib.setup_tokenizer(cfg, str(tmp_path / "work")))
+  mesh = parallel.make_mesh(cfg.mesh)
+  tx, _ = opt_lib.make_optimizer(cfg.optimizer, 10)
+  structs, _, f_structs, _ = step_lib.abstract_state(models, tx, mesh, cfg.axis_rules, True)
+  abstract = {**structs.params, **f_structs}
+  with pytest.raises(ValueError, match=r"'position_embedding \(8, 16\) -> \(12, 16\)'.*"
+                                       r"--config.init_from.reinit_mismatched=True"):
+    init_from.pretrained_from_runs(cfg, models, abstract)
+  cfg.init_from["reinit_mismatched"] = True
+  got = init_from.pretrained_from_runs(cfg, models, abstract)
+  assert ("position_embedding",) not in got["text_encoder"] and len(got["text_encoder"]) > 1
+  np.testing.assert_array_equal(np.asarray(got["text_encoder"][("token_embedding", "embedding")])[:64],
+                                _clip_embedding(clip))
+
+
 def test_init_from_refuses_a_run_whose_text_encoder_read_another_length(tmp_path):
   """A text encoder's position table of another length would stay freshly initialised (init_from keeps leaves of
   another shape fresh): starting from such a run is an error that names the flag; a converted folder (no

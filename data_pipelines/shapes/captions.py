@@ -181,3 +181,30 @@ def parse_prompt(text: str) -> dict[str, Any]:
         "background": background, "flaws": flaws,
     }
   raise PromptParseError(f"not a shapes-bench prompt: {text!r}")
+
+
+def object_spans(text: str) -> tuple[dict[str, Any], list[list[tuple[int, int]]], tuple[int, int] | None]:
+  """(spec, per spec object the character spans of its words, span of the background phrase or None) of a
+  caption as `text_for` writes it (lower case, single spaces). Object words are its size, colour and shape (the
+  plural in counting captions); relations, numbers and points belong to no object. Raises PromptParseError for a
+  caption of another form (e.g. with a trigger prefix)."""
+  spec = parse_prompt(text)
+  body = text
+  for flaw in reversed(spec["flaws"]):
+    body = body[:-len(flaw) - 2]
+  bg_span = None
+  if spec["background"] is not None:
+    phrase = palette.BACKGROUNDS[spec["background"]][1]
+    body = body[:-len(phrase) - 4]  # " on " + phrase
+    bg_span = (len(body) + 4, len(body) + 4 + len(phrase))
+  for family, pattern in _PARSERS:
+    m = pattern.fullmatch(body) if family == spec["family"] else None
+    if m is not None:
+      break
+  else:
+    raise PromptParseError(f"object_spans: {text!r} is not in text_for's normal form")
+  spans = []
+  for i in range(len(spec["objects"])):
+    spans.append([m.span(g) for g in (f"size{i}", f"color{i}", f"shape{i}")
+                  if g in m.re.groupindex and m.group(g) is not None])
+  return spec, spans, bg_span

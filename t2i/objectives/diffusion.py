@@ -288,7 +288,8 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
                    logit_mean: float = 0.0, logit_std: float = 1.0,
                    sample_weight: jax.Array | None = None, neg_cond: PyTree | None = None,
                    neg_mask: jax.Array | None = None, contrast_weight: float = 0.0, contrast_scale: float = 10.0,
-                   neg_rows: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   neg_rows: jax.Array | None = None, denoise_aux_fn: Callable | None = None,
+                   aux_loss: Callable | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Denoising loss: mean over the batch of `per_example_error` at timesteps drawn per `t_sampler`.
 
   Args:
@@ -307,6 +308,9 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
       (`caption_contrast`), added with `contrast_weight` > 0: the denoiser runs again on batch rows `neg_rows`
       (int [R], e.g. from `contrast_rows`; None = all B rows) under their negative captions `neg_cond` (R rows),
       counting those where neg_mask [R] is 1.
+    denoise_aux_fn, aux_loss: a loss on what the trained pass sees besides its prediction (e.g. attention maps
+      for `t2i.objectives.attention.hola_loss`): the trained pass runs `denoise_aux_fn(x, t, cond) -> (pred,
+      aux)` instead of denoise_fn, and `aux_loss(aux) -> (term, metrics)` is added to the loss.
   Returns:
     (scalar loss, metrics) where metrics holds "loss", "mse" (unweighted) and "weight_mean"; with the contrast
     also "contrast" (its term) and "contrast_acc" (share of negative rows whose error exceeds the true one).
@@ -325,13 +329,18 @@ def diffusion_loss(denoise_fn: DenoiseFn, x0: jax.Array, cond: PyTree, rng: jax.
       return jax.lax.stop_gradient(x0_from_prediction(schedule, x_t, first, t, prediction_type).astype(x_t.dtype))
     use = jax.random.uniform(sc_rng) < self_condition
     inp = self_conditioned_input(x_t, jax.lax.cond(use, estimate, lambda: zeros))
-  pred = denoise_fn(inp, t, cond)
+  aux_term, aux_metrics = 0.0, {}
+  if aux_loss is not None:
+    pred, aux = denoise_aux_fn(inp, t, cond)
+    aux_term, aux_metrics = aux_loss(aux)
+  else:
+    pred = denoise_fn(inp, t, cond)
   tgt = target(schedule, x0, noise, t, prediction_type)
   w = loss_weights(schedule, t, prediction_type, snr_gamma, weight_floor)
   per_ex = per_example_error(pred, tgt, w, mask, loss_type=loss_type, huber_c=huber_c)
-  loss = jnp.mean(per_ex if sample_weight is None else per_ex * sample_weight)
+  loss = jnp.mean(per_ex if sample_weight is None else per_ex * sample_weight) + aux_term
   mse = jnp.mean(per_example_error(jax.lax.stop_gradient(pred), tgt, None, mask, loss_type="l2"))
-  metrics = {"mse": mse, "weight_mean": jnp.mean(w)}
+  metrics = {"mse": mse, "weight_mean": jnp.mean(w), **aux_metrics}
   if contrast_weight > 0:
     if neg_cond is None or neg_mask is None:
       raise ValueError("contrast_weight > 0 needs neg_cond and neg_mask (config.data.negative_caption)")

@@ -121,6 +121,28 @@ def tokenize(tokenizer, texts: Sequence[str] | str, max_length: int = 77) -> np.
   return out
 
 
+def span_token_masks(tokenizer, texts: Sequence[str], spans: Sequence[Sequence[Sequence[tuple[int, int]]]],
+                     max_groups: int, max_length: int = 77) -> np.ndarray:
+  """float32 [n, max_groups, max_length]: 1 where a token of `tokenize(tokenizer, texts, max_length)` overlaps one
+  of the character spans of group k of text i (spans[i][k] = [(start, end), ...]); groups beyond max_groups are
+  dropped, tokens cut by truncation belong to no group. Needs a fast tokenizer (character offsets)."""
+  texts = list(texts)
+  out = np.zeros((len(texts), max_groups, max_length), np.float32)
+  if not texts:
+    return out
+  enc = tokenizer(texts, truncation=False, return_offsets_mapping=True)
+  left = getattr(tokenizer, "padding_side", "right") == "left"
+  for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+    n = min(len(ids), max_length)
+    keep = n - 1 if len(ids) > max_length else n  # truncation keeps the first max_length - 1 and the end token
+    shift = max_length - n if left else 0
+    for k, group in enumerate(list(spans[i])[:max_groups]):
+      for j, (a, b) in enumerate(offsets[:keep]):
+        if b > a and any(a < e and s < b for s, e in group):
+          out[i, k, j + shift] = 1.0
+  return out
+
+
 def truncated(tokenizer, texts: Sequence[str], max_length: int) -> list[tuple[int, str]]:
   """(token count with start and end tokens, text) of each text longer than `max_length` tokens."""
   lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]

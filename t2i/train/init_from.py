@@ -1,15 +1,17 @@
 """Start a run from another t2i run's checkpoint (SFT after pre-training, DPO/SPIN after SFT, a distillation
 teacher), and fill the frozen "reference" copy of the denoiser.
 
-  config.init_from = dict(workdir="RUN", ema=True, step=-1, grow=False)
+  config.init_from = dict(workdir="RUN", ema=True, step=-1, grow=False, reinit_mismatched=False)
       every param group of this run is read from the same-named group of RUN's checkpoint (its EMA params when
-      `ema` and RUN kept an EMA; step -1 = latest); `grow`: see below;
-  config.reference = dict(init_from="", ema=True, step=-1, config={})
+      `ema` and RUN kept an EMA; step -1 = latest); `grow`, `reinit_mismatched`: see below;
+  config.reference = dict(init_from="", ema=True, step=-1, config={}, reinit_mismatched=False)
       group "reference" (frozen) = the denoiser built with `config` overrides, read from the denoiser group of
       `reference.init_from` (default: `init_from.workdir`).
 
-Leaves are matched by path; those missing from the source or of another shape keep their fresh initialisation
-and are listed in the log (e.g. the guidance embedder of a student distilled from a teacher without one).
+Leaves are matched by path; those missing from the source keep their fresh initialisation and are listed in the
+log (e.g. the guidance embedder of a student distilled from a teacher without one). A leaf the source holds in
+another shape is an error naming it (a silently re-initialised position table or input convolution trains a
+different model than the user asked for), unless `reinit_mismatched` keeps such leaves fresh too.
 With `grow` (vocabulary growth, e.g. a token LM whose fine-tuning vocabulary appends coordinate tokens), a leaf
 that is larger than the source along exactly one axis takes the source values in its leading part and the mean
 of the source along that axis in the appended part (new embedding rows / LM-head columns start at the average
@@ -83,11 +85,13 @@ def _check_layer_layout(src_top: set[str], want_top: set[str], where: str) -> No
 
 
 def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = True, step: int = -1,
-                   grow: bool = False) -> dict[str, PartialParams]:
+                   grow: bool = False, reinit_mismatched: bool = False,
+                   flag: str = "config.init_from") -> dict[str, PartialParams]:
   """wants: target group -> (source group, abstract tree of ShapeDtypeStructs with shardings).
 
   Returns target group -> PartialParams of the leaves found in the source run with the same shape (with `grow`,
-  also those larger along one axis, padded as the module docstring says).
+  also those larger along one axis, padded as the module docstring says). Leaves of another shape raise a
+  ValueError naming them and `<flag>.reinit_mismatched`, unless `reinit_mismatched` (then they stay fresh).
   """
   d = _step_dir(workdir, step)
   state_md, frozen_md = _metadata(os.path.join(d, "state")), _metadata(os.path.join(d, "frozen"))
@@ -108,6 +112,12 @@ def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = 
     grown = {k: _grown_axis(tuple(src[k].shape), tuple(v.shape)) for k, v in want.items()
              if grow and k in src and k not in hit}
     grown = {k: a for k, a in grown.items() if a is not None}
+    other = sorted(f"{'/'.join(k)} {tuple(src[k].shape)} -> {tuple(v.shape)}" for k, v in want.items()
+                   if k in src and k not in hit and k not in grown)
+    if other and not reinit_mismatched:
+      raise ValueError(f"init {target} from {d}/{source}: {len(other)} leaves have another shape in the source: "
+                       f"{other[:8]}; set --{flag}.reinit_mismatched=True to keep them freshly initialised"
+                       + ("" if grow else f" (or --{flag}.grow=True for vocabulary growth)"))
     if grown:
       logging.warning("init %s from %s/%s: %d leaves grown along one axis (source values + source mean): %s",
                       target, d, source, len(grown), sorted("/".join(k) for k in grown))
@@ -145,7 +155,8 @@ def restore_groups(workdir: str, wants: dict[str, tuple[str, Any]], ema: bool = 
 
 def check_text_lengths(config: Any, workdir: str) -> None:
   """Raises when run `workdir` fed a text encoder this run also has a different number of tokens (its position
-  table would be of another shape and stay freshly initialised): the error names the flag to pass."""
+  table is of another shape): the error names the caption-length flag to pass, which `restore_groups`' general
+  shape error cannot know."""
   path = os.path.join(os.path.expanduser(workdir), "config.json")
   if not os.path.exists(path):
     return  # a converted checkpoint (t2i.convert) or a foreign folder: nothing to compare
@@ -171,11 +182,14 @@ def pretrained_from_runs(config: Any, models: Any, abstract: dict[str, Any]) -> 
     check_text_lengths(config, init.workdir)
     wants = {g: (g, a) for g, a in abstract.items() if g != "reference" and jax.tree.leaves(a)}
     out.update(restore_groups(init.workdir, wants, bool(init.get("ema", True)), int(init.get("step", -1)),
-                              grow=bool(init.get("grow", False))))
+                              grow=bool(init.get("grow", False)),
+                              reinit_mismatched=bool(init.get("reinit_mismatched", False))))
   ref = config.get("reference")
   if ref is not None and "reference" in abstract:
     src = ref.get("init_from") or (init.get("workdir") if init is not None else "")
     if src:
       out.update(restore_groups(src, {"reference": (models.denoiser_name, abstract["reference"])},
-                                bool(ref.get("ema", True)), int(ref.get("step", -1))))
+                                bool(ref.get("ema", True)), int(ref.get("step", -1)),
+                                reinit_mismatched=bool(ref.get("reinit_mismatched", False)),
+                                flag="config.reference"))
   return out

@@ -202,7 +202,8 @@ class T2IModels:
     """"image" [B, S, S, 3] float32 in [-1, 1], "input_ids" [B, L] int32 (+ "image_l" for pair objectives,
     + "loss_weight" [B] float32 when a data source weighs its samples: `pipeline.has_loss_weights`, + "mask"
     [B, S, S, 1] float32 in [0, 1] with config.data.alpha_mask, + "neg_input_ids" [B, L] int32 and "neg_mask"
-    [B] float32 with config.data.negative_caption)."""
+    [B] float32 with config.data.negative_caption, + "group_tokens" [B, K, L1] and "group_masks" [B, K, S / p,
+    S / p] float32 with config.data.token_groups: K = max_groups, L1 the first id block, p = group_mask_pool)."""
     from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
     s = self.image_size
     shapes = {"image": ((batch_size, s, s, 3), jnp.float32), "input_ids": ((batch_size, self.max_length), jnp.int32)}
@@ -216,6 +217,11 @@ class T2IModels:
     if data is not None and data.get("negative_caption") and not pair:
       shapes["neg_input_ids"] = shapes["input_ids"]
       shapes["neg_mask"] = ((batch_size,), jnp.float32)
+    if data is not None and data.get("token_groups") and not pair:
+      k, pool = int(data.get("max_groups", 4)), int(data.get("group_mask_pool", 1))
+      start, stop = self.id_blocks.get("text_encoder", (0, self.max_length))
+      shapes["group_tokens"] = ((batch_size, k, stop - start), jnp.float32)
+      shapes["group_masks"] = ((batch_size, k, s // pool, s // pool), jnp.float32)
     return shapes
 
   def noise(self, seeds: jax.Array) -> jax.Array:
@@ -269,13 +275,14 @@ class T2IModels:
     return out
 
   def denoise(self, params: Any, x: jax.Array, t: jax.Array, cond: dict, guidance: jax.Array | None = None,
-              module: nn.Module | None = None) -> jax.Array:
+              module: nn.Module | None = None, attention_maps: bool = False) -> Any:
     """Denoiser prediction for NHWC latents x [B, h, w, C] at t [B] (U-Net: integer timesteps; MMDiT: t in [0, 1]).
 
     An MMDiT sees x packed into 2x2 tokens with FLUX's (0, row, column) image ids and all-zero text ids; its
     output is unpacked back to NHWC. `guidance` [B] (default `cond["guidance"]`) feeds a guidance embedder and
     is ignored by a module without one; `module` defaults to the denoiser
-    (pass `self.reference` to run the frozen copy).
+    (pass `self.reference` to run the frozen copy). `attention_maps=True` (U-Net) returns (prediction, the
+    cross-attention probabilities [B, heads, Q, L] of every layer; `t2i.objectives.attention.attention_maps`).
     """
     module = module or self.denoiser
     if guidance is None:
@@ -290,6 +297,11 @@ class T2IModels:
           guidance=guidance if module.guidance_embeds else None)
       return mmdit.unpack_latents(out, h, w)
     kw = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+    if attention_maps:
+      from t2i.objectives import attention
+      out, state = module.apply({"params": params}, x, t, cond["encoder_hidden_states"], mutable=["intermediates"],
+                                **kw)
+      return out, attention.attention_maps(state["intermediates"])
     return module.apply({"params": params}, x, t, cond["encoder_hidden_states"], **kw)
 
   @property
@@ -447,8 +459,9 @@ class Tokenizer:
   """
 
   def __init__(self, fn: Callable[[list[str]], np.ndarray], vocab_size: int, eos_token_id: int,
-               second: "Tokenizer | None" = None):
+               second: "Tokenizer | None" = None, span_fn: Callable[..., np.ndarray] | None = None):
     self._fn = fn
+    self._span_fn = span_fn
     self.vocab_size = int(vocab_size)
     self.eos_token_id = int(eos_token_id)
     self.second = second
@@ -458,6 +471,13 @@ class Tokenizer:
     if self.second is not None:
       ids = np.concatenate([ids, self.second(texts)], axis=1)
     return ids
+
+  def span_tokens(self, texts: list[str], spans: list, max_groups: int) -> np.ndarray:
+    """float32 [n, max_groups, L1]: which tokens of the first id block hold each group's character spans
+    (`t2i.text.tokenizer.span_token_masks`; config.data.token_groups)."""
+    if self._span_fn is None:
+      raise ValueError("config.data.token_groups needs a tokenizer with character offsets (not the toy one)")
+    return self._span_fn(list(texts), spans, max_groups)
 
   def for_encoder(self, name: str) -> "Tokenizer":
     """The tokenizer whose ids text encoder `name` reads (its vocabulary sizes that encoder)."""
@@ -534,7 +554,10 @@ def _load_one(tok_dir: str, max_length: int) -> Tokenizer:
   if not os.path.isdir(tok_dir):
     raise FileNotFoundError(f"{tok_dir}: no tokenizer (a train run writes it into its workdir)")
   from transformers import AutoTokenizer
-  from t2i.text.tokenizer import tokenize
+  from t2i.text.tokenizer import span_token_masks, tokenize
   tok = AutoTokenizer.from_pretrained(tok_dir)
+  span_fn = None
+  if getattr(tok, "is_fast", False):
+    span_fn = lambda texts, spans, k: span_token_masks(tok, texts, spans, k, max_length)  # noqa: E731
   return Tokenizer(lambda texts: np.asarray(tokenize(tok, texts, max_length), np.int32), len(tok),
-                   tok.eos_token_id)
+                   tok.eos_token_id, span_fn=span_fn)

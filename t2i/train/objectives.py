@@ -139,7 +139,8 @@ def _flow_t_kw(models) -> dict:
 
 def diffusion_loss(params, frozen, batch, rng, models):
   """Denoising loss (config.diffusion); config.diffusion.contrast = {weight, scale, rows} adds caption-contrastive
-  denoising against batch["neg_input_ids"] (config.data.negative_caption) on the rows not dropped for CFG."""
+  denoising against batch["neg_input_ids"] (config.data.negative_caption) on the rows not dropped for CFG;
+  config.diffusion.hola = {weight, resolutions} adds attention grounding (`_hola_kw`)."""
   from t2i.objectives import diffusion
   cfg = models.config.diffusion
   p = {**frozen, **params}
@@ -160,6 +161,9 @@ def diffusion_loss(params, frozen, batch, rng, models):
     kw = dict(neg_cond=models.cond(p, take(batch["neg_input_ids"]), take(batch.get("time_ids"))),
               neg_mask=take(neg_mask), neg_rows=rows, contrast_weight=float(contrast["weight"]),
               contrast_scale=float(contrast.get("scale", 10.0)))
+  hola = dict(cfg.get("hola") or {})
+  if float(hola.get("weight", 0.0)) > 0:
+    kw.update(_hola_kw(p, batch, models, hola, cond_drop(r_drop, dropout, batch["input_ids"].shape[0])))
   return diffusion.diffusion_loss(
       _denoise_fn(p, models), x0, cond, r_loss, models.schedule,
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
@@ -167,6 +171,28 @@ def diffusion_loss(params, frozen, batch, rng, models):
       loss_type=cfg.get("loss_type", "l2"), self_condition=models.self_condition,
       mask=latent_mask(batch, x0), sample_weight=batch.get("loss_weight"), **_t_kw(models, "diffusion", "uniform"),
       **kw)
+
+
+def _hola_kw(p: dict, batch: dict, models, hola: dict, dropped: jax.Array) -> dict:
+  """diffusion_loss arguments adding CosmicMan's HOLA attention-grounding term (config.diffusion.hola = {weight,
+  resolutions}) on the batch's group_tokens / group_masks (config.data.token_groups); rows made unconditional by
+  condition dropout carry no groups."""
+  from t2i.objectives import attention
+  if "group_tokens" not in batch:
+    raise ValueError("config.diffusion.hola.weight > 0 needs attribute groups: set config.data.token_groups "
+                     "(e.g. data_pipelines.shapes.groups.token_groups)")
+  if models.is_mmdit or models.config.diffusion.get("sigma_data"):
+    raise ValueError("config.diffusion.hola: the U-Net's cross-attention maps are supervised; not with an MMDiT "
+                     "or config.diffusion.sigma_data")
+  weight, res = float(hola["weight"]), tuple(int(r) for r in hola.get("resolutions") or ())
+  kept = 1.0 - dropped.astype(jnp.float32)
+
+  def aux_loss(maps):
+    term, metrics = attention.hola_loss(maps, batch["group_tokens"], batch["group_masks"], kept, res)
+    return weight * term, metrics
+
+  return dict(denoise_aux_fn=lambda x, t, c: models.denoise(p[models.denoiser_name], x, t, c, attention_maps=True),
+              aux_loss=aux_loss)
 
 
 def diffusion_sample(params, frozen, input_ids, uncond_ids, rng, models, *, num_steps: int,

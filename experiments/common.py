@@ -95,6 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def reference_config(**config) -> ml_collections.ConfigDict:
+  """config.reference: the frozen copy of the denoiser (DPO / SPIN reference, distillation teacher) built with
+  `config` overrides and read from `init_from` (default: config.init_from.workdir); see t2i.train.init_from."""
+  return ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config=config, reinit_mismatched=False))
+
+
 def eval_config() -> ml_collections.ConfigDict:
   """The held-out loss, off: every `every` steps (0 = off) on `batches` fixed batches with fixed t / noise (seed),
   logged as eval_loss (and eval_loss_ema); the non-empty fields of `data` are laid over config.data (e.g.

@@ -25,8 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.transformer = pretrain.tiny_flux(guidance_embeds=True)
   pretrain.tiny_text_encoders(c, trainable=False)
   # The teacher: the same MMDiT without a guidance embedder, frozen, from the init_from run.
-  c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config=dict(guidance_embeds=False),
-                                               reinit_mismatched=False))
+  c.reference = common.reference_config(guidance_embeds=False)
   c.distill = ml_collections.ConfigDict(dict(guidance_min=1.0, guidance_max=6.0))
   c.total_steps = 600
   c.ckpt_every = 300

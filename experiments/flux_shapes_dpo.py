@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict(dict(decay=0.0, every=1, warmup=False))
   c.text_encoder.trainable = c.text_encoder_2.trainable = False
   c.flow.cond_dropout = 0.0
-  c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}, reinit_mismatched=False))
+  c.reference = common.reference_config()
   c.preference = ml_collections.ConfigDict(dict(beta=500.0, loss_kind="sigmoid", weighting="constant",
                                                 sft_on_winners=False, sft_weight=0.0, opponent_anchor=0.0))
   pairs = ml_collections.ConfigDict(dict(name="shapes_pairs", data_dir="~/t2i_data", shapes_num=4000, shapes_seed=0,

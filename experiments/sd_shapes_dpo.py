@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant in ("dpo", "sft_winners", "judged", "judged_winners"):
     judged = variant.startswith("judged")
     c.objective = "diffusion_dpo"
-    c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}, reinit_mismatched=False))
+    c.reference = common.reference_config()
     c.preference = ml_collections.ConfigDict(dict(  # anchors: t2i/objectives/preference.py
         beta=2000.0, loss_kind="sigmoid", sft_on_winners=variant.endswith("winners"), sft_weight=0.0,
         opponent_anchor=1.0 if judged else 0.0))
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.cond_dropout = 0.1
   elif variant == "smoke":
     c.objective = "diffusion_dpo"
-    c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}, reinit_mismatched=False))
+    c.reference = common.reference_config()
     c.preference = ml_collections.ConfigDict(dict(beta=2000.0, loss_kind="sigmoid", sft_on_winners=False))
     use_smoke_models(c)
     c.init_from.workdir = ""

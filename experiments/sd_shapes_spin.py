@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from experiments import common
 from experiments import sd_shapes
 from experiments import sd_shapes_dpo
 
@@ -26,8 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sd_shapes_dpo.preference_arm(c, "workdirs/sd_shapes")
   c.diffusion.cond_dropout = 0.0
   c.objective = "diffusion_spin"
-  # = the opponent
-  c.reference = ml_collections.ConfigDict(dict(init_from="", ema=True, step=-1, config={}, reinit_mismatched=False))
+  c.reference = common.reference_config()  # = the opponent
   c.preference = ml_collections.ConfigDict(dict(beta=2000.0, loss_kind="sigmoid", sft_weight=0.0,
                                                 opponent_anchor=1.0))  # docs/results.md, "Opponent anchor"
   c.data = ml_collections.ConfigDict(dict(name="spin", data_dir="~/t2i_data", shapes_split="train", shapes_num=1200,

@@ -148,22 +148,22 @@ def diffusion_loss(params, frozen, batch, rng, models):
   dropout = float(cfg.get("cond_dropout", 0.0))
   cond = conditioning(p, batch, r_drop, models, dropout)
   x0 = latents(p, batch, r_lat, models)
-  contrast = dict(cfg.get("contrast") or {})
+  contrast, hola = dict(cfg.get("contrast") or {}), dict(cfg.get("hola") or {})
   kw = {}
+  # rows conditioning() kept conditional (same key and rate): the only rows the extra terms count
+  kept = 1.0 - cond_drop(r_drop, dropout, batch["input_ids"].shape[0]).astype(jnp.float32)
   if float(contrast.get("weight", 0.0)) > 0:
     if "neg_input_ids" not in batch:
       raise ValueError("config.diffusion.contrast.weight > 0 needs negative captions: set "
                        "config.data.negative_caption (e.g. data_pipelines.shapes.captions.flipped_caption)")
-    kept = 1.0 - cond_drop(r_drop, dropout, batch["input_ids"].shape[0]).astype(jnp.float32)
     neg_mask = batch["neg_mask"] * kept
     rows = diffusion.contrast_rows(neg_mask, int(contrast.get("rows", 0)))  # encode only the rows the term uses
     take = lambda a: None if a is None else jnp.take(a, rows, axis=0)  # noqa: E731
     kw = dict(neg_cond=models.cond(p, take(batch["neg_input_ids"]), take(batch.get("time_ids"))),
               neg_mask=take(neg_mask), neg_rows=rows, contrast_weight=float(contrast["weight"]),
               contrast_scale=float(contrast.get("scale", 10.0)))
-  hola = dict(cfg.get("hola") or {})
   if float(hola.get("weight", 0.0)) > 0:
-    kw.update(_hola_kw(p, batch, models, hola, cond_drop(r_drop, dropout, batch["input_ids"].shape[0])))
+    kw.update(_hola_kw(p, batch, models, hola, kept))
   return diffusion.diffusion_loss(
       _denoise_fn(p, models), x0, cond, r_loss, models.schedule,
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
@@ -173,10 +173,10 @@ def diffusion_loss(params, frozen, batch, rng, models):
       **kw)
 
 
-def _hola_kw(p: dict, batch: dict, models, hola: dict, dropped: jax.Array) -> dict:
+def _hola_kw(p: dict, batch: dict, models, hola: dict, kept: jax.Array) -> dict:
   """diffusion_loss arguments adding CosmicMan's HOLA attention-grounding term (config.diffusion.hola = {weight,
-  resolutions}) on the batch's group_tokens / group_masks (config.data.token_groups); rows made unconditional by
-  condition dropout carry no groups."""
+  resolutions}) on the batch's group_tokens / group_masks (config.data.token_groups), counted on the rows `kept`
+  [B] (1 = not made unconditional by condition dropout)."""
   from t2i.objectives import attention
   if "group_tokens" not in batch:
     raise ValueError("config.diffusion.hola.weight > 0 needs attribute groups: set config.data.token_groups "
@@ -185,7 +185,6 @@ def _hola_kw(p: dict, batch: dict, models, hola: dict, dropped: jax.Array) -> di
     raise ValueError("config.diffusion.hola: the U-Net's cross-attention maps are supervised; not with an MMDiT "
                      "or config.diffusion.sigma_data")
   weight, res = float(hola["weight"]), tuple(int(r) for r in hola.get("resolutions") or ())
-  kept = 1.0 - dropped.astype(jnp.float32)
 
   def aux_loss(maps):
     term, metrics = attention.hola_loss(maps, batch["group_tokens"], batch["group_masks"], kept, res)

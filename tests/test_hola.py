@@ -155,8 +155,9 @@ def test_hola_loss_equals_its_definition():
 
 
 def test_hola_in_the_train_loop(tmp_path):
-  """config.data.token_groups + config.diffusion.hola train a real (tiny) U-Net through the one loop and log the
-  term and attn_in_mask; the term without groups fails naming the data key."""
+  """config.data.token_groups + config.diffusion.hola (and the text-side config.diffusion.layout on the same
+  groups) train a real (tiny) U-Net through the one loop and log their terms, attn_in_mask and layout_order; the
+  term without groups fails naming the data key."""
   from experiments import sd_shapes
   from t2i.train import loop
   cfg = sd_shapes.get_config()
@@ -170,5 +171,7 @@ def test_hola_in_the_train_loop(tmp_path):
   with pytest.raises(ValueError, match="config.data.token_groups"):
     loop.train(cfg, str(tmp_path / "no_groups"))
   cfg.data.token_groups = "data_pipelines.shapes.groups.token_groups"
+  cfg.diffusion.layout.weight = 1.0
   m = loop.train(cfg, str(tmp_path / "run"))
   assert np.isfinite(float(m["loss"])) and float(m["hola"]) > 0 and 0 < float(m["attn_in_mask"]) < 1, m
+  assert float(m["layout"]) > 0 and 0 <= float(m["layout_order"]) <= 1, m

@@ -250,6 +250,38 @@ def test_coordinate_embedding(tiny):
   np.testing.assert_allclose(f[0, 1, 5], np.cos(np.pi * 0.5), atol=1e-6)  # cos(pi x)
 
 
+def test_layout_splat(tiny):
+  """layout_splat_channels: zero-initialised, so the output equals the plain U-Net's with the same other params;
+  with a nonzero projection each token's state lands as a Gaussian at the place its two context channels name,
+  so moving a token's place moves its effect (the U-Net spreads it, but it is largest there); the Gaussian is
+  right at known points."""
+  from t2i.models.unet import splat_weights
+  module, params, inputs, plain_out = tiny
+  splat = module.clone(layout_splat_channels=(0, 1), layout_splat_sigma=0.2)
+  init = splat.init(jax.random.key(0), **inputs)["params"]
+  extra = {k: nn.meta.unbox(init[k]) for k in ("layout_gate", "layout_value")}
+  d = inputs["encoder_hidden_states"].shape[-1]
+  assert extra["layout_value"]["dense"]["kernel"].shape == (d, 32) and not np.any(extra["layout_value"]["dense"]["kernel"])
+  with_splat = {**params, **extra}
+  np.testing.assert_array_equal(splat.apply({"params": with_splat}, **inputs), plain_out)
+  with_splat["layout_value"] = {"dense": {"kernel": jnp.ones((d, 32)), "bias": jnp.zeros((32,))}}
+  const = {k: v for k, v in inputs.items() if k != "encoder_hidden_states"}
+  const["sample"] = jnp.zeros_like(inputs["sample"])
+  ctx = np.zeros(inputs["encoder_hidden_states"].shape, np.float32)
+  ctx[:, :, 2] = 1.0  # every token carries the same value
+  ctx[:, :, :2] = [-0.8, -0.8]  # all at the top left
+  left = np.asarray(splat.apply({"params": with_splat}, **const, encoder_hidden_states=jnp.asarray(ctx)))
+  ctx[:, :, :2] = [0.8, 0.8]  # all at the bottom right
+  right = np.asarray(splat.apply({"params": with_splat}, **const, encoder_hidden_states=jnp.asarray(ctx)))
+  base = np.asarray(module.apply({"params": params}, **const, encoder_hidden_states=jnp.asarray(ctx)))
+  assert np.abs(left - base)[:, :2, :2].mean() > 1.5 * np.abs(left - base)[:, -2:, -2:].mean()  # 0.24 vs 0.13
+  assert np.abs(right - base)[:, -2:, -2:].mean() > 1.5 * np.abs(right - base)[:, :2, :2].mean()  # 1.11 vs 0.15
+  g = np.asarray(splat_weights(jnp.asarray([[[-0.75, 0.25]]]), 4, 4, 0.5))[0, 0]  # (x, y) = a pixel centre
+  assert g[2, 0] == 1.0 and abs(g[2, 1] - np.exp(-0.5 ** 2 / (2 * 0.25))) < 1e-6 and g[2, 0] > g[1, 0] > g[0, 0]
+  with pytest.raises(ValueError, match="2 context channels"):
+    module.clone(layout_splat_channels=(0,)).apply({"params": with_splat}, **inputs)
+
+
 def test_token_order_keys(tiny):
   """TENOR: without it cross-attention cannot tell the text tokens' order (permuting them leaves the output
   unchanged); with it the output depends on the order (also with scanned blocks); it adds no parameters, and the

@@ -252,6 +252,13 @@ class UNet2DConditionModel(nn.Module):
   # sinusoidal encoding of the token index added to the context before the key projection (values unchanged).
   # Parameter-free, so it can be switched on for a loaded checkpoint; not a diffusers option.
   token_order_keys: bool = False
+  # Two context channels (x, y) in [-1, 1] that say where each text token's object goes (trained by
+  # t2i.objectives.layout, config.diffusion.layout): each token's state, gated and projected by zero-initialised
+  # Dense layers, is splatted as a Gaussian of std `layout_splat_sigma` at that place and added after conv_in, so
+  # a relation the text encoder resolved reaches the pixels as a feature at the right place (a first-order path,
+  # where cross-attention needs query and key to learn the place together). () = off; not a diffusers option.
+  layout_splat_channels: Sequence[int] = ()
+  layout_splat_sigma: float = 0.3
 
   @classmethod
   def from_config(cls, config: dict[str, Any], **overrides) -> "UNet2DConditionModel":
@@ -280,6 +287,17 @@ class UNet2DConditionModel(nn.Module):
                                                      self.projection_class_embeddings_input_dim is None):
       raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
                        "projection_class_embeddings_input_dim")
+
+  def _layout_splat(self, context: jax.Array, height: int, width: int, channels: int, kw: dict) -> jax.Array:
+    """[B, height, width, channels]: the gated, projected token states splatted at their places."""
+    if len(self.layout_splat_channels) != 2:
+      raise ValueError(f"layout_splat_channels must name 2 context channels (x, y), got {self.layout_splat_channels}")
+    places = jnp.take(context.astype(jnp.float32), jnp.asarray(self.layout_splat_channels), axis=-1)
+    gate = nn.sigmoid(Dense(1, axes=("embed", None), name="layout_gate", **kw)(context))  # [B, L, 1]
+    value = Dense(channels, axes=("embed", "conv_out"), kernel_init=nn.initializers.zeros, name="layout_value",
+                  **kw)(context)
+    w = splat_weights(places, height, width, self.layout_splat_sigma).astype(self.dtype) * gate[..., None]
+    return jnp.einsum("blhw,blc->bhwc", w, value)
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -326,6 +344,8 @@ class UNet2DConditionModel(nn.Module):
     if self.coord_octaves:
       x = x + Dense(c0, axes=(None, "conv_out"), kernel_init=nn.initializers.zeros, name="coord_embedding",
                     **kw)(coordinate_features(x.shape[1], x.shape[2], self.coord_octaves).astype(self.dtype))[None]
+    if self.layout_splat_channels:
+      x = x + self._layout_splat(context, x.shape[1], x.shape[2], c0, kw)
     x = constrain(x, IMAGE)
 
     skips = [x]
@@ -367,6 +387,16 @@ def token_order_encoding(length: int, dim: int) -> jax.Array:
   """[length, dim] float32 sinusoidal encoding of token indices 0..length-1 (halves [sin, cos], periods up to
   10,000 tokens), as TENOR adds to a cross-attention's context before its key projection."""
   return timestep_embedding(jnp.arange(length), dim, flip_sin_to_cos=False, freq_shift=0.0)
+
+
+def splat_weights(places: jax.Array, height: int, width: int, sigma: float) -> jax.Array:
+  """[B, L, height, width]: a Gaussian of std `sigma` around each token's place, places [B, L, 2] as (x, y) in
+  [-1, 1] (pixel centres as in `coordinate_features`)."""
+  y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
+  x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+  px, py = places[..., 0, None, None], places[..., 1, None, None]
+  d2 = (x[None, None, None, :] - px) ** 2 + (y[None, None, :, None] - py) ** 2
+  return jnp.exp(-d2 / (2 * sigma ** 2))
 
 
 def coordinate_features(height: int, width: int, octaves: int) -> jax.Array:

@@ -140,7 +140,8 @@ def _flow_t_kw(models) -> dict:
 def diffusion_loss(params, frozen, batch, rng, models):
   """Denoising loss (config.diffusion); config.diffusion.contrast = {weight, scale, rows} adds caption-contrastive
   denoising against batch["neg_input_ids"] (config.data.negative_caption) on the rows not dropped for CFG;
-  config.diffusion.hola = {weight, resolutions} adds attention grounding (`_hola_kw`)."""
+  config.diffusion.hola = {weight, resolutions} adds attention grounding (`_hola_kw`); config.diffusion.layout =
+  {weight, channels} adds text-side layout grounding (`_layout_term`)."""
   from t2i.objectives import diffusion
   cfg = models.config.diffusion
   p = {**frozen, **params}
@@ -164,13 +165,45 @@ def diffusion_loss(params, frozen, batch, rng, models):
               contrast_scale=float(contrast.get("scale", 10.0)))
   if float(hola.get("weight", 0.0)) > 0:
     kw.update(_hola_kw(p, batch, models, hola, kept))
-  return diffusion.diffusion_loss(
+  loss, metrics = diffusion.diffusion_loss(
       _denoise_fn(p, models), x0, cond, r_loss, models.schedule,
       prediction_type=cfg.prediction_type, snr_gamma=cfg.get("snr_gamma") or None,
       weight_floor=float(cfg.get("weight_floor") or 0.0), noise_offset=float(cfg.get("noise_offset", 0.0)),
       loss_type=cfg.get("loss_type", "l2"), self_condition=models.self_condition,
       mask=latent_mask(batch, x0), sample_weight=batch.get("loss_weight"), **_t_kw(models, "diffusion", "uniform"),
       **kw)
+  layout = dict(cfg.get("layout") or {})
+  _check_layout_splat(models, layout)
+  if float(layout.get("weight", 0.0)) > 0:
+    term, extra = _layout_term(cond, batch, models, layout, kept)
+    loss, metrics = loss + term, {**metrics, **extra}
+  return loss, metrics
+
+
+def _check_layout_splat(models, layout: dict) -> None:
+  """A U-Net with layout_splat_channels reads the places config.diffusion.layout trains on those channels."""
+  splat = tuple(int(c) for c in getattr(models.denoiser, "layout_splat_channels", ()) or ())
+  if splat and (float(layout.get("weight", 0.0)) <= 0 or splat != tuple(int(c) for c in layout.get("channels", (0, 1)))):
+    raise ValueError(f"config.unet.config.layout_splat_channels={splat} reads places that config.diffusion.layout "
+                     f"trains: set config.diffusion.layout.weight > 0 and config.diffusion.layout.channels={splat}")
+
+
+def _layout_term(cond: dict, batch: dict, models, layout: dict, kept: jax.Array) -> tuple[jax.Array, dict]:
+  """Weighted `t2i.objectives.layout.layout_loss` on the first text encoder's output states in `cond`
+  (config.diffusion.layout = {weight, channels}), counted on the rows `kept` [B]."""
+  from t2i.objectives import layout as layout_lib
+  if "group_tokens" not in batch:
+    raise ValueError("config.diffusion.layout.weight > 0 needs attribute groups: set config.data.token_groups "
+                     "(e.g. data_pipelines.shapes.groups.token_groups)")
+  if "text_encoder" not in models.trainable or any(k.startswith("cond.") for k in batch):
+    raise ValueError("config.diffusion.layout trains the text encoder's states: it needs "
+                     "config.text_encoder.trainable=True and no cached text embeddings (config.cache)")
+  channels = tuple(int(c) for c in layout.get("channels", (0, 1)))
+  if len(channels) != 2:
+    raise ValueError(f"config.diffusion.layout.channels must name 2 state channels (x, y), got {channels}")
+  states = cond["encoder_hidden_states"][:, :batch["group_tokens"].shape[-1]]
+  term, metrics = layout_lib.layout_loss(states, batch["group_tokens"], batch["group_masks"], kept, channels)
+  return float(layout["weight"]) * term, metrics
 
 
 def _hola_kw(p: dict, batch: dict, models, hola: dict, kept: jax.Array) -> dict:

@@ -1,0 +1,72 @@
+"""Text-side layout grounding: the caption tokens of each object are trained to state where the object is.
+
+Under the denoising loss a relation word gives no first-order signal: over shapes-bench, "X to the left of Y"
+puts a colour on the left as often as on the right, and only the relation word together with the order of the
+two objects says where each goes (docs/results.md, sessions 19-23). This term asks the text encoder for that
+conjunction directly. For attribute group k (`config.data.token_groups`: tokens T_k, pixel mask h_k) the mean of
+the encoder's output states over T_k, read at two fixed `channels`, regresses the mask's centroid c_k = (x, y)
+in [-1, 1] (x: column, y: row; -1 = left / top edge):
+
+  L_layout = mean over valid groups k of  || mean_{j in T_k} s_j[channels] - c_k ||^2 .
+
+No parameters are added: the encoder's last projection and norm can move any feature onto two channels, and a
+U-Net's cross-attention keys and values then read the place linearly. The gradient reaches the text encoder
+only, so it needs a trainable one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BACKGROUND_AREA = 0.5  # groups covering more of the image than this are not objects (for the order metric only)
+
+
+def centroids(masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(centroids [B, K, 2] as (x, y) in [-1, 1], area [B, K] as a share of the image) of masks [B, K, h, w]."""
+  m = masks.astype(jnp.float32)
+  h, w = m.shape[-2:]
+  ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h * 2 - 1
+  xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w * 2 - 1
+  mass = jnp.sum(m, axis=(-2, -1))
+  safe = jnp.maximum(mass, 1e-9)
+  cx = jnp.einsum("bkhw,w->bk", m, xs) / safe
+  cy = jnp.einsum("bkhw,h->bk", m, ys) / safe
+  return jnp.stack([cx, cy], -1), mass / (h * w)
+
+
+def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Array,
+                row_weight: jax.Array | None = None, channels: tuple[int, int] = (0, 1)) -> tuple[jax.Array, dict]:
+  """Layout term and metrics.
+
+  Args:
+    states: [B, L, D] text-encoder output states (the tokens group_tokens indexes).
+    group_tokens: f32 [B, K, L], 1 on the tokens of group k (all zero: no group).
+    group_masks: f32 [B, K, h, w] in [0, 1], each group's pixels.
+    row_weight: optional [B] (0 for rows made unconditional by condition dropout).
+    channels: the two state channels that hold (x, y).
+  Returns:
+    (term, {"layout", "layout_order"}): layout_order is, over rows naming two objects (the first two groups, each
+    covering less than half the image) whose centroids differ by more than 0.25 along some axis, the share whose
+    predicted centroids are ordered like the true ones along the axis where they differ most. 0.5 is chance: a
+    text encoder that ignores relation words cannot beat it on shapes-bench's position captions (its two-object
+    captions name no relation, so they stay at chance whatever the encoder does).
+  """
+  sel = group_tokens.astype(jnp.float32)
+  n = jnp.sum(sel, axis=-1)  # [B, K]
+  valid = (n > 0).astype(jnp.float32)
+  if row_weight is not None:
+    valid = valid * row_weight.astype(jnp.float32)[:, None]
+  xy = jnp.take(states.astype(jnp.float32), jnp.asarray(channels), axis=-1)  # [B, L, 2]
+  pred = jnp.einsum("bkl,blc->bkc", sel, xy) / jnp.maximum(n, 1.0)[..., None]
+  target, area = centroids(group_masks)
+  err = jnp.sum((pred - target) ** 2, -1)  # [B, K]
+  term = jnp.sum(err * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  # order of the first two groups along the axis where they differ most
+  d_true, d_pred = target[:, 0] - target[:, 1], pred[:, 0] - pred[:, 1]  # [B, 2]
+  axis = jnp.argmax(jnp.abs(d_true), -1)[:, None]
+  dt, dp = jnp.take_along_axis(d_true, axis, -1)[:, 0], jnp.take_along_axis(d_pred, axis, -1)[:, 0]
+  pair = valid[:, 0] * valid[:, 1] * (area[:, 0] < BACKGROUND_AREA) * (area[:, 1] < BACKGROUND_AREA)
+  pair = pair * (jnp.abs(dt) > 0.25)
+  right = (jnp.sign(dt) == jnp.sign(dp)).astype(jnp.float32)
+  order = jnp.sum(right * pair) / jnp.maximum(jnp.sum(pair), 1.0)
+  return term, {"layout": term, "layout_order": order}

@@ -389,11 +389,15 @@ def token_order_encoding(length: int, dim: int) -> jax.Array:
   return timestep_embedding(jnp.arange(length), dim, flip_sin_to_cos=False, freq_shift=0.0)
 
 
+def pixel_centres(n: int) -> jax.Array:
+  """[n] float32: the centres of n pixels along an axis in [-1, 1] coordinates (-1 = the first pixel's edge)."""
+  return (jnp.arange(n, dtype=jnp.float32) + 0.5) / n * 2 - 1
+
+
 def splat_weights(places: jax.Array, height: int, width: int, sigma: float) -> jax.Array:
   """[B, L, height, width]: a Gaussian of std `sigma` around each token's place, places [B, L, 2] as (x, y) in
-  [-1, 1] (pixel centres as in `coordinate_features`)."""
-  y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
-  x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+  [-1, 1] (`pixel_centres`)."""
+  y, x = pixel_centres(height), pixel_centres(width)
   px, py = places[..., 0, None, None], places[..., 1, None, None]
   d2 = (x[None, None, None, :] - px) ** 2 + (y[None, None, :, None] - py) ** 2
   return jnp.exp(-d2 / (2 * sigma ** 2))
@@ -402,8 +406,7 @@ def splat_weights(places: jax.Array, height: int, width: int, sigma: float) -> j
 def coordinate_features(height: int, width: int, octaves: int) -> jax.Array:
   """[height, width, 2 + 4 * octaves]: pixel-centre (y, x) in [-1, 1], then the sines, then the cosines, of
   2^k pi y (k < octaves) and 2^k pi x."""
-  y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
-  x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+  y, x = pixel_centres(height), pixel_centres(width)
   yx = jnp.stack(jnp.meshgrid(y, x, indexing="ij"), axis=-1)  # [H, W, 2]
   freqs = jnp.pi * 2.0 ** jnp.arange(octaves, dtype=jnp.float32)
   angles = (yx[..., None] * freqs).reshape(height, width, -1)  # [H, W, 2 * octaves]

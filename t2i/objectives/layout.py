@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from t2i.models.unet import pixel_centres
+
 BACKGROUND_AREA = 0.5  # groups covering more of the image than this are not objects (for the order metric only)
 
 
@@ -25,8 +27,7 @@ def centroids(masks: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(centroids [B, K, 2] as (x, y) in [-1, 1], area [B, K] as a share of the image) of masks [B, K, h, w]."""
   m = masks.astype(jnp.float32)
   h, w = m.shape[-2:]
-  ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h * 2 - 1
-  xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w * 2 - 1
+  ys, xs = pixel_centres(h), pixel_centres(w)
   mass = jnp.sum(m, axis=(-2, -1))
   safe = jnp.maximum(mass, 1e-9)
   cx = jnp.einsum("bkhw,w->bk", m, xs) / safe

@@ -14,7 +14,7 @@ from t2i.text.tokenizer import build_clip_tokenizer, default_shapes_corpus, span
 from t2i.train import objectives
 
 
-def _layout_by_definition(states, sel, masks, keep, channels):
+def _layout_by_definition(states, sel, masks, keep, channels, per_token=False):
   """The term written as its definition, group by group (numpy)."""
   total, count = 0.0, 0
   h, w = masks.shape[2:]
@@ -26,8 +26,11 @@ def _layout_by_definition(states, sel, masks, keep, channels):
       ys, xs = np.nonzero(np.ones((h, w)))
       m = masks[i, k].reshape(-1)
       c = np.array([np.sum(m * ((xs + 0.5) / w * 2 - 1)), np.sum(m * ((ys + 0.5) / h * 2 - 1))]) / m.sum()
-      pred = states[i, toks][:, list(channels)].mean(0)
-      total, count = total + np.sum((pred - c) ** 2), count + 1
+      if per_token:
+        err = np.mean([np.sum((states[i, j][list(channels)] - c) ** 2) for j in toks])
+      else:
+        err = np.sum((states[i, toks][:, list(channels)].mean(0) - c) ** 2)
+      total, count = total + err, count + 1
   return total / count
 
 
@@ -41,8 +44,11 @@ def test_layout_loss_equals_its_definition():
   sel[0, 0, [1, 2]] = sel[0, 1, 4] = sel[1, 0, [2, 3, 4]] = sel[1, 2, 6] = sel[2, 1, 1] = 1
   masks = (rng.random((b, k, 8, 6)) > 0.5).astype(np.float32)
   keep = np.array([1.0, 1.0, 0.0], np.float32)
-  term, _ = layout.layout_loss(jnp.asarray(states), jnp.asarray(sel), jnp.asarray(masks), jnp.asarray(keep), (3, 1))
-  np.testing.assert_allclose(float(term), _layout_by_definition(states, sel, masks, keep, (3, 1)), rtol=1e-5)
+  for per_token in (False, True):
+    term, _ = layout.layout_loss(jnp.asarray(states), jnp.asarray(sel), jnp.asarray(masks), jnp.asarray(keep), (3, 1),
+                                 per_token=per_token)
+    np.testing.assert_allclose(float(term), _layout_by_definition(states, sel, masks, keep, (3, 1), per_token),
+                               rtol=1e-5)
   c, area = layout.centroids(jnp.asarray(masks))
   np.testing.assert_allclose(area, masks.mean((2, 3)), rtol=1e-6)
   exact = np.zeros((b, length, d), np.float32)
@@ -51,6 +57,36 @@ def test_layout_loss_equals_its_definition():
       exact[i, sel[i, j] > 0, :2] = c[i, j]
   zero, _ = layout.layout_loss(jnp.asarray(exact), jnp.asarray(sel), jnp.asarray(masks))
   assert float(zero) < 1e-10
+
+
+def test_object_channel_marks_the_object_words():
+  """object_channel: a logistic term on that state channel, target 1 on the tokens of object groups (under half the
+  image) and 0 on every other token of a row with a group (background phrases, function words, padding); rows
+  without a group or dropped for CFG do not count."""
+  rng = np.random.default_rng(1)
+  b, k, length, d = 3, 2, 6, 4
+  states = rng.normal(size=(b, length, d)).astype(np.float32)
+  sel = np.zeros((b, k, length), np.float32)
+  sel[0, 0, [1, 2]] = sel[0, 1, [4, 5]] = sel[1, 0, 3] = 1  # row 2 has no group
+  masks = np.zeros((b, k, 8, 8), np.float32)
+  masks[:, 0, :2, :2] = 1  # an object
+  masks[:, 1] = 1  # row 0's group 1 covers the whole image: a background phrase
+  keep = np.ones(b, np.float32)
+  base, _ = layout.layout_loss(jnp.asarray(states), jnp.asarray(sel), jnp.asarray(masks), jnp.asarray(keep))
+  term, m = layout.layout_loss(jnp.asarray(states), jnp.asarray(sel), jnp.asarray(masks), jnp.asarray(keep),
+                               object_channel=3)
+  target = np.zeros((2, length))
+  target[0, [1, 2]] = target[1, 3] = 1
+  z = states[:2, :, 3]
+  bce = np.mean(np.log1p(np.exp(-z)) * target + np.log1p(np.exp(z)) * (1 - target))
+  np.testing.assert_allclose(float(term) - float(base), bce, rtol=1e-5)
+  np.testing.assert_allclose(float(m["layout_object"]), bce, rtol=1e-5)
+  assert float(m["layout_object_acc"]) == np.mean((z > 0) == (target > 0))
+  keep[1] = 0  # row 1 dropped: only row 0 counts
+  _, m = layout.layout_loss(jnp.asarray(states), jnp.asarray(sel), jnp.asarray(masks), jnp.asarray(keep),
+                            object_channel=3)
+  np.testing.assert_allclose(float(m["layout_object"]), np.mean(
+      np.log1p(np.exp(-z[0])) * target[0] + np.log1p(np.exp(z[0])) * (1 - target[0])), rtol=1e-5)
 
 
 def test_layout_order_counts_object_pairs_along_their_main_axis():
@@ -135,3 +171,27 @@ def test_layout_term_needs_groups_and_a_trainable_text_encoder():
   for bad in ({"weight": 0.0, "channels": (0, 1)}, {"weight": 0.1, "channels": (2, 3)}):
     with pytest.raises(ValueError, match="layout_splat_channels"):
       objectives._check_layout_splat(splat, bad)
+  splat.denoiser.layout_splat_object_channel = 2
+  objectives._check_layout_splat(splat, {"weight": 0.1, "channels": (0, 1), "object_channel": 2})
+  with pytest.raises(ValueError, match="config.diffusion.layout.object_channel=2"):
+    objectives._check_layout_splat(splat, {"weight": 0.1, "channels": (0, 1)})
+
+
+def test_long_layout_variant_trains_and_samples(tmp_path):
+  """`sd_shapes.py:long_layout` (bidirectional encoder with appended token embeddings, per-token layout term with
+  an object channel, the U-Net's splat of the embedding slice), shrunk, trains through the one loop, logs the
+  object term and writes a sample grid: the sampler's conditioning carries the 2x-wide context too."""
+  from experiments import sd_shapes
+  from t2i.train import loop
+  cfg = sd_shapes.get_config("long_layout")
+  cfg.batch_size, cfg.total_steps, cfg.log_every = 8, 2, 1
+  cfg.ckpt_every, cfg.sample_every, cfg.eval.every = 2, 2, 0
+  cfg.sample.update(prompts=["a red circle to the left of a blue square"], num_steps=2)
+  cfg.text_encoder.config.update(hidden_size=32, intermediate_size=32, num_hidden_layers=1)
+  cfg.unet.config.update(block_out_channels=(32, 32), attention_head_dim=4, norm_num_groups=8,
+                         cross_attention_dim=64, layout_splat_value_channels=(32, 64))
+  cfg.data.update(data_dir=str(tmp_path / "data"), shapes_num=32)
+  m = loop.train(cfg, str(tmp_path / "run"))
+  assert np.isfinite(float(m["loss"])) and float(m["layout"]) > 0 and float(m["layout_object"]) > 0, m
+  assert 0 <= float(m["layout_object_acc"]) <= 1, m
+  assert list((tmp_path / "run" / "samples").glob("*.png"))

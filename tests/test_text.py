@@ -213,3 +213,19 @@ def test_bidirectional_mode_reads_later_tokens(tmp_path_factory):
     a, b = m.apply({"params": params}, ids)[0], m.apply({"params": params}, later)[0]
     assert bool(jnp.any(jnp.abs(a[:, :2] - b[:, :2]) > 1e-4)) == early_changes
     assert bool(jnp.all(jnp.any(jnp.abs(a[:, 2:] - b[:, 2:]) > 1e-4, axis=(1, 2))))
+
+
+def test_append_token_embeddings(tmp_path_factory):
+  """append_token_embeddings: the last hidden state gains each token's own embedding row after its hidden_size
+  channels (no position, no context); the first half and the pooled output are those of the plain model."""
+  _, folder = _reference("eos5_gelu", tmp_path_factory)
+  model, params = load_transformers_clip_text(folder)
+  ids = jnp.asarray(_ids(5, 0), jnp.int32)
+  last, pooled = model.apply({"params": params}, ids)
+  wide, wide_pooled = model.clone(append_token_embeddings=True).apply({"params": params}, ids)
+  h = last.shape[-1]
+  assert wide.shape == (*last.shape[:2], 2 * h)
+  np.testing.assert_array_equal(wide[..., :h], last)
+  np.testing.assert_array_equal(wide_pooled, pooled)
+  table = np.asarray(flax.core.meta.unbox(params)["token_embedding"]["embedding"])
+  np.testing.assert_array_equal(wide[..., h:], table[np.asarray(ids)])

@@ -282,6 +282,46 @@ def test_layout_splat(tiny):
     module.clone(layout_splat_channels=(0,)).apply({"params": with_splat}, **inputs)
 
 
+def test_layout_splat_value_slice_and_object_gate(tiny):
+  """layout_splat_value_channels: the gate and value read only that slice of the context (changing the other
+  channels, places and object logit aside, leaves the splat as it is); layout_splat_object_channel: the gate is
+  multiplied by sigmoid(that channel), so a token whose object logit is very negative is not painted."""
+  module, params, inputs, _ = tiny
+  d = inputs["encoder_hidden_states"].shape[-1]
+  split = d // 2
+  splat = module.clone(layout_splat_channels=(0, 1), layout_splat_value_channels=(split, d),
+                       layout_splat_object_channel=2)
+  init = splat.init(jax.random.key(0), **inputs)["params"]
+  extra = {k: nn.meta.unbox(init[k]) for k in ("layout_gate", "layout_value")}
+  assert extra["layout_value"]["dense"]["kernel"].shape == (d - split, 32)
+  extra["layout_value"] = {"dense": {"kernel": jnp.ones((d - split, 32)), "bias": jnp.zeros((32,))}}
+  p = {**params, **extra}
+  apply = jax.jit(lambda m, p, ctx: m.apply({"params": p}, **{**inputs, "encoder_hidden_states": ctx}),
+                  static_argnums=0)
+  ctx = np.array(inputs["encoder_hidden_states"])
+  ctx[:, :, :2], ctx[:, :, 2] = 0.5, 20.0  # placed, and marked as object words
+  out = apply(splat, p, jnp.asarray(ctx))
+  plain = apply(module, params, jnp.asarray(ctx))  # the U-Net without the splat
+  assert float(jnp.abs(out - plain).mean()) > 1e-2
+  other = ctx.copy()
+  other[:, :, 3:split] += 1.0  # outside the value slice: cross-attention sees it, the splat's gate and value do not
+
+  def splat_parts(c):
+    _, state = splat.apply({"params": p}, **{**inputs, "encoder_hidden_states": jnp.asarray(c)},
+                           capture_intermediates=lambda mdl, _: mdl.name in ("layout_gate", "layout_value"),
+                           mutable=["intermediates"])
+    return {k: state["intermediates"][k] for k in ("layout_gate", "layout_value")}
+  a, b = splat_parts(ctx), splat_parts(other)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert float(jnp.abs(apply(splat, p, jnp.asarray(other)) - out).max()) > 1e-3
+  off = ctx.copy()
+  off[:, :, 2] = -40.0  # not object words: nothing painted
+  np.testing.assert_allclose(apply(splat, p, jnp.asarray(off)), apply(module, params, jnp.asarray(off)),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="outside the context"):
+    module.clone(layout_splat_channels=(0, 1), layout_splat_value_channels=(split, d + 1)).apply({"params": p}, **inputs)
+
+
 def test_token_order_keys(tiny):
   """TENOR: without it cross-attention cannot tell the text tokens' order (permuting them leaves the output
   unchanged); with it the output depends on the order (also with scanned blocks); it adds no parameters, and the

@@ -92,6 +92,11 @@ class CLIPTextModel(nn.Module):
   # False: every token attends to every token (like T5), so a word also reads what follows it ("a red circle" in
   # "a red circle above a blue square" knows it is the upper one). CLIP checkpoints are causal.
   causal: bool = True
+  # True: the last hidden state also carries each token's own embedding (without position or context), appended
+  # after the hidden_size channels ([b, n, 2 * hidden]; the pooled output is unchanged). A U-Net's layout splat
+  # can then paint what a word is at the place its contextual state names, without the other object's words
+  # that context mixes in (`UNet2DConditionModel.layout_splat_value_channels`). Not a transformers option.
+  append_token_embeddings: bool = False
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -111,7 +116,8 @@ class CLIPTextModel(nn.Module):
         init, ("vocab", "embed")), name="token_embedding", **kw)
     pos = self.param("position_embedding", nn.with_logical_partitioning(init, (None, "embed")),
                      (self.max_position_embeddings, self.hidden_size), self.param_dtype)
-    x = tok(input_ids) + jnp.asarray(pos[:n], self.dtype)[None]
+    words = tok(input_ids)
+    x = words + jnp.asarray(pos[:n], self.dtype)[None]
     x = constrain(x, TOKEN_AXES)
 
     mask = (jnp.tril(jnp.ones((n, n), bool)) if self.causal else jnp.ones((n, n), bool))[None, None]
@@ -132,6 +138,8 @@ class CLIPTextModel(nn.Module):
     pooled = last[jnp.arange(b), eos_pos]
     if self.with_projection:
       pooled = Dense(self.projection_dim, axes=("embed", None), use_bias=False, name="text_projection", **kw)(pooled)
+    if self.append_token_embeddings:
+      last = constrain(jnp.concatenate([last, words.astype(last.dtype)], axis=-1), TOKEN_AXES)
     if output_hidden_states:
       return last, pooled, tuple(hidden_states)
     return last, pooled

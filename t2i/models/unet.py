@@ -259,6 +259,13 @@ class UNet2DConditionModel(nn.Module):
   # where cross-attention needs query and key to learn the place together). () = off; not a diffusers option.
   layout_splat_channels: Sequence[int] = ()
   layout_splat_sigma: float = 0.3
+  # (start, stop): the context channels the splat's gate and value read (() = all). With a text encoder that
+  # appends its token embeddings (`CLIPTextModel.append_token_embeddings`), the embedding slice paints what each
+  # word is, and only the places come from the contextual state.
+  layout_splat_value_channels: Sequence[int] = ()
+  # >= 0: the gate is also multiplied by sigmoid(context[..., c]), an "is an object word" logit trained by
+  # config.diffusion.layout.object_channel, so function words and background phrases are not painted.
+  layout_splat_object_channel: int = -1
 
   @classmethod
   def from_config(cls, config: dict[str, Any], **overrides) -> "UNet2DConditionModel":
@@ -293,9 +300,21 @@ class UNet2DConditionModel(nn.Module):
     if len(self.layout_splat_channels) != 2:
       raise ValueError(f"layout_splat_channels must name 2 context channels (x, y), got {self.layout_splat_channels}")
     places = jnp.take(context.astype(jnp.float32), jnp.asarray(self.layout_splat_channels), axis=-1)
-    gate = nn.sigmoid(Dense(1, axes=("embed", None), name="layout_gate", **kw)(context))  # [B, L, 1]
+    source = context
+    if self.layout_splat_value_channels:
+      if len(self.layout_splat_value_channels) != 2:
+        raise ValueError("layout_splat_value_channels must be (start, stop), got "
+                         f"{self.layout_splat_value_channels}")
+      start, stop = (int(c) for c in self.layout_splat_value_channels)
+      if not 0 <= start < stop <= context.shape[-1]:
+        raise ValueError(f"layout_splat_value_channels=({start}, {stop}) is outside the context's "
+                         f"{context.shape[-1]} channels")
+      source = context[..., start:stop]
+    gate = nn.sigmoid(Dense(1, axes=("embed", None), name="layout_gate", **kw)(source))  # [B, L, 1]
+    if self.layout_splat_object_channel >= 0:
+      gate = gate * nn.sigmoid(context[..., self.layout_splat_object_channel, None])
     value = Dense(channels, axes=("embed", "conv_out"), kernel_init=nn.initializers.zeros, name="layout_value",
-                  **kw)(context)
+                  **kw)(source)
     w = splat_weights(places, height, width, self.layout_splat_sigma).astype(self.dtype) * gate[..., None]
     return jnp.einsum("blhw,blc->bhwc", w, value)
 

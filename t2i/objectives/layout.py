@@ -12,11 +12,18 @@ in [-1, 1] (x: column, y: row; -1 = left / top edge):
 No parameters are added: the encoder's last projection and norm can move any feature onto two channels, and a
 U-Net's cross-attention keys and values then read the place linearly. The gradient reaches the text encoder
 only, so it needs a trainable one.
+
+Two options make the places fit a U-Net's layout splat (`layout_splat_channels`), which paints every token at its
+own place. `per_token=True` regresses every token of a group on the centroid, not their mean, so no word of an
+object sits on the other object's side. `object_channel=c` adds a per-token logistic term on state channel c: 1 on
+the tokens of object groups (covering less than `BACKGROUND_AREA` of the image), 0 on every other token of a row
+that has groups, so the splat can tell object words from function words without the groups at inference.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from t2i.models.unet import pixel_centres
 
@@ -36,7 +43,8 @@ def centroids(masks: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Array,
-                row_weight: jax.Array | None = None, channels: tuple[int, int] = (0, 1)) -> tuple[jax.Array, dict]:
+                row_weight: jax.Array | None = None, channels: tuple[int, int] = (0, 1), per_token: bool = False,
+                object_channel: int = -1) -> tuple[jax.Array, dict]:
   """Layout term and metrics.
 
   Args:
@@ -45,8 +53,13 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
     group_masks: f32 [B, K, h, w] in [0, 1], each group's pixels.
     row_weight: optional [B] (0 for rows made unconditional by condition dropout).
     channels: the two state channels that hold (x, y).
+    per_token: regress each token of a group on the centroid (mean over the group's tokens of the squared error)
+      instead of the tokens' mean state.
+    object_channel: >= 0 adds the mean binary cross-entropy of sigmoid(states[..., object_channel]) against "the
+      token belongs to an object group", over all tokens of the rows with a valid group (metrics `layout_object`,
+      and `layout_object_acc`, the share of those tokens on the right side of 0).
   Returns:
-    (term, {"layout", "layout_order"}): layout_order is, over rows naming two objects (the first two groups, each
+    (term, {"layout", "layout_order", ...}): layout_order is, over rows naming two objects (the first two groups, each
     covering less than half the image) whose centroids differ by more than 0.25 along some axis, the share whose
     predicted centroids are ordered like the true ones along the axis where they differ most. 0.5 is chance: a
     text encoder that ignores relation words cannot beat it on shapes-bench's position captions (its two-object
@@ -60,8 +73,13 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
   xy = jnp.take(states.astype(jnp.float32), jnp.asarray(channels), axis=-1)  # [B, L, 2]
   pred = jnp.einsum("bkl,blc->bkc", sel, xy) / jnp.maximum(n, 1.0)[..., None]
   target, area = centroids(group_masks)
-  err = jnp.sum((pred - target) ** 2, -1)  # [B, K]
+  if per_token:  # mean over the group's tokens of || s_j - c_k ||^2
+    d2 = jnp.sum((xy[:, None] - target[:, :, None]) ** 2, -1)  # [B, K, L]
+    err = jnp.sum(d2 * sel, -1) / jnp.maximum(n, 1.0)
+  else:
+    err = jnp.sum((pred - target) ** 2, -1)  # [B, K]
   term = jnp.sum(err * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  metrics = {"layout": term}
   # order of the first two groups along the axis where they differ most
   d_true, d_pred = target[:, 0] - target[:, 1], pred[:, 0] - pred[:, 1]  # [B, 2]
   axis = jnp.argmax(jnp.abs(d_true), -1)[:, None]
@@ -69,5 +87,14 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
   pair = valid[:, 0] * valid[:, 1] * (area[:, 0] < BACKGROUND_AREA) * (area[:, 1] < BACKGROUND_AREA)
   pair = pair * (jnp.abs(dt) > 0.25)
   right = (jnp.sign(dt) == jnp.sign(dp)).astype(jnp.float32)
-  order = jnp.sum(right * pair) / jnp.maximum(jnp.sum(pair), 1.0)
-  return term, {"layout": term, "layout_order": order}
+  metrics["layout_order"] = jnp.sum(right * pair) / jnp.maximum(jnp.sum(pair), 1.0)
+  if object_channel >= 0:
+    is_object = (area < BACKGROUND_AREA).astype(jnp.float32) * valid  # [B, K]
+    target_tok = jnp.minimum(jnp.einsum("bkl,bk->bl", sel, is_object), 1.0)  # [B, L]
+    row = (jnp.sum(valid, -1) > 0).astype(jnp.float32)[:, None] * jnp.ones_like(target_tok)
+    logit = states[..., object_channel].astype(jnp.float32)
+    bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logit, target_tok) * row) / jnp.maximum(jnp.sum(row), 1.0)
+    acc = jnp.sum(((logit > 0) == (target_tok > 0.5)) * row) / jnp.maximum(jnp.sum(row), 1.0)
+    term = term + bce
+    metrics.update(layout_object=bce, layout_object_acc=acc)
+  return term, metrics

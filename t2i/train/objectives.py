@@ -181,16 +181,21 @@ def diffusion_loss(params, frozen, batch, rng, models):
 
 
 def _check_layout_splat(models, layout: dict) -> None:
-  """A U-Net with layout_splat_channels reads the places config.diffusion.layout trains on those channels."""
+  """A U-Net with layout_splat_channels reads the places config.diffusion.layout trains on those channels (and,
+  with layout_splat_object_channel, the object logit it trains)."""
   splat = tuple(int(c) for c in getattr(models.denoiser, "layout_splat_channels", ()) or ())
   if splat and (float(layout.get("weight", 0.0)) <= 0 or splat != tuple(int(c) for c in layout.get("channels", (0, 1)))):
     raise ValueError(f"config.unet.config.layout_splat_channels={splat} reads places that config.diffusion.layout "
                      f"trains: set config.diffusion.layout.weight > 0 and config.diffusion.layout.channels={splat}")
+  obj = int(getattr(models.denoiser, "layout_splat_object_channel", -1))
+  if splat and obj >= 0 and obj != int(layout.get("object_channel", -1)):
+    raise ValueError(f"config.unet.config.layout_splat_object_channel={obj} reads an object logit that "
+                     f"config.diffusion.layout does not train: set config.diffusion.layout.object_channel={obj}")
 
 
 def _layout_term(cond: dict, batch: dict, models, layout: dict, kept: jax.Array) -> tuple[jax.Array, dict]:
   """Weighted `t2i.objectives.layout.layout_loss` on the first text encoder's output states in `cond`
-  (config.diffusion.layout = {weight, channels}), counted on the rows `kept` [B]."""
+  (config.diffusion.layout = {weight, channels, per_token, object_channel}), counted on the rows `kept` [B]."""
   from t2i.objectives import layout as layout_lib
   if "group_tokens" not in batch:
     raise ValueError("config.diffusion.layout.weight > 0 needs attribute groups: set config.data.token_groups "
@@ -202,7 +207,9 @@ def _layout_term(cond: dict, batch: dict, models, layout: dict, kept: jax.Array)
   if len(channels) != 2:
     raise ValueError(f"config.diffusion.layout.channels must name 2 state channels (x, y), got {channels}")
   states = cond["encoder_hidden_states"][:, :batch["group_tokens"].shape[-1]]
-  term, metrics = layout_lib.layout_loss(states, batch["group_tokens"], batch["group_masks"], kept, channels)
+  term, metrics = layout_lib.layout_loss(states, batch["group_tokens"], batch["group_masks"], kept, channels,
+                                         per_token=bool(layout.get("per_token", False)),
+                                         object_channel=int(layout.get("object_channel", -1)))
   return float(layout["weight"]) * term, metrics
 
 

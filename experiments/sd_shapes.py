@@ -13,7 +13,9 @@ Expected (docs/results.md, "A lead" and session 16): over 1,020 prompts overall 
 120: 0.10 / 0.20; goal single 0.8: not reached); `:long` (12,000 steps with Adafactor, 59 min on 2 CPU cores;
 sampled at guidance 2.5; 1,320 prompts, mean of seeds 0 and 1, sessions 19-21) overall 0.660, single 0.955, two
 objects 0.83, position 0.368 (goal 0.95 / 0.6 / 0.4: single and two objects reached, position not).
-Variants: `:long` (8x the steps); `:latent` (tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent`
+Variants: `:long` (8x the steps); `:long_layout` (`:long` + the layout term and layout splat: objects placed by
+the text; 1,320 prompts, seed 0: overall 0.834, single 0.900, two objects 0.668, position 0.895, grounding 0.859;
+docs/results.md session 25); `:latent` (tiny random-init KL-VAE, frozen); `:smoke` / `:smoke_latent`
 (stand-in toy models and toy data, a few steps; used by the tests to exercise the loop quickly).
 """
 from __future__ import annotations

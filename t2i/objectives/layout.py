@@ -27,7 +27,12 @@ import optax
 
 from t2i.models.unet import pixel_centres
 
-BACKGROUND_AREA = 0.5  # groups covering more of the image than this are not objects (for the order metric only)
+BACKGROUND_AREA = 0.5  # groups covering more of the image than this are not objects (order metric, object channel)
+
+
+def _masked_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """sum(x * weight) / sum(weight), 0 when the weights are all 0."""
+  return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def centroids(masks: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -78,7 +83,7 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
     err = jnp.sum(d2 * sel, -1) / jnp.maximum(n, 1.0)
   else:
     err = jnp.sum((pred - target) ** 2, -1)  # [B, K]
-  term = jnp.sum(err * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  term = _masked_mean(err, valid)
   metrics = {"layout": term}
   # order of the first two groups along the axis where they differ most
   d_true, d_pred = target[:, 0] - target[:, 1], pred[:, 0] - pred[:, 1]  # [B, 2]
@@ -87,14 +92,14 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
   pair = valid[:, 0] * valid[:, 1] * (area[:, 0] < BACKGROUND_AREA) * (area[:, 1] < BACKGROUND_AREA)
   pair = pair * (jnp.abs(dt) > 0.25)
   right = (jnp.sign(dt) == jnp.sign(dp)).astype(jnp.float32)
-  metrics["layout_order"] = jnp.sum(right * pair) / jnp.maximum(jnp.sum(pair), 1.0)
+  metrics["layout_order"] = _masked_mean(right, pair)
   if object_channel >= 0:
     is_object = (area < BACKGROUND_AREA).astype(jnp.float32) * valid  # [B, K]
     target_tok = jnp.minimum(jnp.einsum("bkl,bk->bl", sel, is_object), 1.0)  # [B, L]
-    row = (jnp.sum(valid, -1) > 0).astype(jnp.float32)[:, None] * jnp.ones_like(target_tok)
+    row = jnp.broadcast_to((jnp.sum(valid, -1) > 0).astype(jnp.float32)[:, None], target_tok.shape)
     logit = states[..., object_channel].astype(jnp.float32)
-    bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logit, target_tok) * row) / jnp.maximum(jnp.sum(row), 1.0)
-    acc = jnp.sum(((logit > 0) == (target_tok > 0.5)) * row) / jnp.maximum(jnp.sum(row), 1.0)
+    bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logit, target_tok), row)
+    acc = _masked_mean((logit > 0) == (target_tok > 0.5), row)
     term = term + bce
     metrics.update(layout_object=bce, layout_object_acc=acc)
   return term, metrics

@@ -33,7 +33,7 @@ def tiny_unet(in_channels: int = 48, size: int = 8, channels: tuple[int, ...] = 
       up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
       block_out_channels=channels, layers_per_block=1, cross_attention_dim=128, attention_head_dim=16,
       norm_num_groups=16, coord_octaves=0, token_order_keys=False, layout_splat_channels=(),
-      layout_splat_value_channels=(), layout_splat_object_channel=-1,
+      layout_splat_value_channels=(), layout_splat_object_channel=-1, layout_splat_spread_channel=-1,
       # SDXL-style global conditioning with the CLIP pooled vector: text_time, 16, 128 + 6 * 16
       addition_embed_type=ml_collections.config_dict.placeholder(str),
       addition_time_embed_dim=ml_collections.config_dict.placeholder(int),

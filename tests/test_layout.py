@@ -89,6 +89,49 @@ def test_object_channel_marks_the_object_words():
       np.log1p(np.exp(-z[0])) * target[0] + np.log1p(np.exp(z[0])) * (1 - target[0])), rtol=1e-5)
 
 
+def test_spread_channel_is_the_gaussian_likelihood_of_the_mask():
+  """spread_channel: per token of a group, the mean negative log-likelihood of the mask's pixels under an isotropic
+  Gaussian of log std s_j around the token's place (constants dropped), written out pixel by pixel; its gradient
+  leaves the place channels alone, and it is stationary where sigma^2 = (second moment + place error^2) / 2."""
+  rng = np.random.default_rng(2)
+  b, k, length, d, h, w = 2, 2, 5, 6, 8, 6
+  states = rng.normal(size=(b, length, d)).astype(np.float32) * 0.5
+  sel = np.zeros((b, k, length), np.float32)
+  sel[0, 0, [1, 2]] = sel[0, 1, 3] = sel[1, 0, 4] = 1
+  masks = (rng.random((b, k, h, w)) > 0.6).astype(np.float32)
+  masks[0, 1] = 1  # a background group: in the term, not in layout_sigma
+  keep = np.ones(b, np.float32)
+  args = (jnp.asarray(sel), jnp.asarray(masks), jnp.asarray(keep), (0, 1))
+  base, _ = layout.layout_loss(jnp.asarray(states), *args, per_token=True)
+  term, m = layout.layout_loss(jnp.asarray(states), *args, per_token=True, spread_channel=4)
+  ys, xs = np.meshgrid((np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1, indexing="ij")
+  nll, sigmas = [], []
+  for i, kk, j in zip(*np.nonzero(sel)):
+    mask, (px, py), s = masks[i, kk], states[i, j, :2], states[i, j, 4]
+    d2 = (xs - px) ** 2 + (ys - py) ** 2
+    nll.append(np.sum(mask * (d2 / (2 * np.exp(2 * s)) + 2 * s)) / mask.sum())
+    if mask.mean() < layout.BACKGROUND_AREA:
+      sigmas.append(np.exp(s))
+  np.testing.assert_allclose(float(term) - float(base), np.mean(nll), rtol=1e-5)
+  np.testing.assert_allclose(float(m["layout_spread"]), np.mean(nll), rtol=1e-5)
+  np.testing.assert_allclose(float(m["layout_sigma"]), np.mean(sigmas), rtol=1e-5)
+
+  def spread_only(st):
+    return layout.layout_loss(st, *args, per_token=True, spread_channel=4)[1]["layout_spread"]
+  g = np.asarray(jax.grad(spread_only)(jnp.asarray(states)))
+  assert not np.any(g[..., :2]) and np.any(g[..., 4])
+  at_optimum = states.copy()  # one token per group: put each at its stationary log std
+  c, _ = layout.centroids(jnp.asarray(masks))
+  m2 = np.asarray(layout.second_moments(jnp.asarray(masks), c))
+  for i, kk, j in [(0, 1, 3), (1, 0, 4)]:
+    err = np.sum((states[i, j, :2] - np.asarray(c)[i, kk]) ** 2)
+    at_optimum[i, j, 4] = 0.5 * np.log((m2[i, kk] + err) / 2)
+  g = np.asarray(jax.grad(spread_only)(jnp.asarray(at_optimum)))
+  np.testing.assert_allclose(g[0, 3, 4], 0, atol=1e-6)
+  np.testing.assert_allclose(g[1, 4, 4], 0, atol=1e-6)
+  assert abs(g[0, 1, 4]) > 1e-3  # not placed at its optimum
+
+
 def test_layout_order_counts_object_pairs_along_their_main_axis():
   """layout_order: the first two groups' predicted order along the axis where their true centroids differ most;
   pairs that are close, or where a group covers most of the image (a background), are not counted."""
@@ -175,6 +218,10 @@ def test_layout_term_needs_groups_and_a_trainable_text_encoder():
   objectives._check_layout_splat(splat, {"weight": 0.1, "channels": (0, 1), "object_channel": 2})
   with pytest.raises(ValueError, match="config.diffusion.layout.object_channel=2"):
     objectives._check_layout_splat(splat, {"weight": 0.1, "channels": (0, 1)})
+  splat.denoiser.layout_splat_spread_channel = 3
+  objectives._check_layout_splat(splat, {"weight": 0.1, "channels": (0, 1), "object_channel": 2, "spread_channel": 3})
+  with pytest.raises(ValueError, match="config.diffusion.layout.spread_channel=3"):
+    objectives._check_layout_splat(splat, {"weight": 0.1, "channels": (0, 1), "object_channel": 2})
 
 
 def test_long_layout_variant_trains_and_samples(tmp_path):

@@ -322,6 +322,34 @@ def test_layout_splat_value_slice_and_object_gate(tiny):
     module.clone(layout_splat_channels=(0, 1), layout_splat_value_channels=(split, d + 1)).apply({"params": p}, **inputs)
 
 
+def test_layout_splat_spread_channel(tiny):
+  """layout_splat_spread_channel: each token's Gaussian has std exp(that channel), clipped to [0.05, 1]; at the
+  reference std (layout_splat_sigma) the U-Net's output is the fixed-std splat's, bit for bit; a wider footprint
+  keeps the reference footprint's mass (height (reference / std)^2), a narrower one has height 1."""
+  from t2i.models.unet import splat_weights
+  module, params, inputs, _ = tiny
+  d = inputs["encoder_hidden_states"].shape[-1]
+  fixed = module.clone(layout_splat_channels=(0, 1), layout_splat_sigma=0.3)
+  spread = fixed.clone(layout_splat_spread_channel=3)
+  init = nn.meta.unbox(fixed.init(jax.random.key(0), **inputs)["params"])
+  init["layout_value"] = {"dense": {"kernel": jnp.ones((d, 32)) * 0.1, "bias": jnp.zeros((32,))}}
+  p = {**params, "layout_gate": init["layout_gate"], "layout_value": init["layout_value"]}
+  apply = jax.jit(lambda m, ctx: m.apply({"params": p}, **{**inputs, "encoder_hidden_states": ctx}), static_argnums=0)
+  ctx = np.array(inputs["encoder_hidden_states"])
+  ctx[:, :, :2] = -0.5
+  ctx[:, :, 3] = np.log(0.3)
+  np.testing.assert_allclose(apply(spread, jnp.asarray(ctx)), apply(fixed, jnp.asarray(ctx)), rtol=1e-6, atol=1e-6)
+  ctx[:, :, 3] = np.log(0.6)
+  assert float(jnp.abs(apply(spread, jnp.asarray(ctx)) - apply(fixed, jnp.asarray(ctx))).max()) > 1e-3
+  places = jnp.asarray([[[-0.75, 0.25], [-0.75, 0.25], [-0.75, 0.25]]])  # (x, y) = the centre of pixel (2, 0)
+  g = np.asarray(splat_weights(places, 4, 4, jnp.asarray([[0.2, 0.3, 0.6]]), reference=0.3))[0]
+  assert g[0, 2, 0] == g[1, 2, 0] == 1.0 and abs(g[2, 2, 0] - 0.25) < 1e-6
+  assert abs(g[2, 2, 1] - 0.25 * np.exp(-0.5 ** 2 / (2 * 0.36))) < 1e-6
+  assert abs(g[0, 2, 1] - np.exp(-0.5 ** 2 / (2 * 0.04))) < 1e-6
+  mass = g.sum((1, 2))
+  assert mass[0] < mass[1] and abs(mass[2] / mass[1] - 1) < 0.35  # 4x4 grid: the wide one is cut at the edges
+
+
 def test_token_order_keys(tiny):
   """TENOR: without it cross-attention cannot tell the text tokens' order (permuting them leaves the output
   unchanged); with it the output depends on the order (also with scanned blocks); it adds no parameters, and the

@@ -266,6 +266,11 @@ class UNet2DConditionModel(nn.Module):
   # >= 0: the gate is also multiplied by sigmoid(context[..., c]), an "is an object word" logit trained by
   # config.diffusion.layout.object_channel, so function words and background phrases are not painted.
   layout_splat_object_channel: int = -1
+  # >= 0: each token's Gaussian has std exp(context[..., c]) (clipped to [0.05, 1]; trained by
+  # config.diffusion.layout.spread_channel as its object's extent and place uncertainty) instead of
+  # layout_splat_sigma, at full height up to that std and with its mass kept beyond it: a footprint wider than
+  # layout_splat_sigma paints (layout_splat_sigma / std)^2 as strongly.
+  layout_splat_spread_channel: int = -1
 
   @classmethod
   def from_config(cls, config: dict[str, Any], **overrides) -> "UNet2DConditionModel":
@@ -315,7 +320,12 @@ class UNet2DConditionModel(nn.Module):
       gate = gate * nn.sigmoid(context[..., self.layout_splat_object_channel, None])
     value = Dense(channels, axes=("embed", "conv_out"), kernel_init=nn.initializers.zeros, name="layout_value",
                   **kw)(source)
-    w = splat_weights(places, height, width, self.layout_splat_sigma).astype(self.dtype) * gate[..., None]
+    if self.layout_splat_spread_channel >= 0:
+      sigma = jnp.clip(jnp.exp(context[..., self.layout_splat_spread_channel].astype(jnp.float32)), 0.05, 1.0)
+      w = splat_weights(places, height, width, sigma, reference=self.layout_splat_sigma)
+    else:
+      w = splat_weights(places, height, width, self.layout_splat_sigma)
+    w = w.astype(self.dtype) * gate[..., None]
     return jnp.einsum("blhw,blc->bhwc", w, value)
 
   @nn.compact
@@ -413,13 +423,19 @@ def pixel_centres(n: int) -> jax.Array:
   return (jnp.arange(n, dtype=jnp.float32) + 0.5) / n * 2 - 1
 
 
-def splat_weights(places: jax.Array, height: int, width: int, sigma: float) -> jax.Array:
-  """[B, L, height, width]: a Gaussian of std `sigma` around each token's place, places [B, L, 2] as (x, y) in
-  [-1, 1] (`pixel_centres`)."""
+def splat_weights(places: jax.Array, height: int, width: int, sigma: float | jax.Array,
+                  reference: float | None = None) -> jax.Array:
+  """[B, L, height, width]: a Gaussian of std `sigma` (a number or [B, L]) around each token's place, places
+  [B, L, 2] as (x, y) in [-1, 1] (`pixel_centres`), of height 1, or with a `reference` std of height
+  min(1, (reference / sigma)^2): wider footprints keep the mass of the reference one."""
   y, x = pixel_centres(height), pixel_centres(width)
   px, py = places[..., 0, None, None], places[..., 1, None, None]
   d2 = (x[None, None, None, :] - px) ** 2 + (y[None, None, :, None] - py) ** 2
-  return jnp.exp(-d2 / (2 * sigma ** 2))
+  sigma = jnp.asarray(sigma, jnp.float32)
+  if sigma.ndim:
+    sigma = sigma[..., None, None]
+  w = jnp.exp(-d2 / (2 * sigma ** 2))
+  return w if reference is None else w * jnp.minimum(1.0, (reference / sigma) ** 2)
 
 
 def coordinate_features(height: int, width: int, octaves: int) -> jax.Array:

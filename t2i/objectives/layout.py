@@ -18,6 +18,10 @@ own place. `per_token=True` regresses every token of a group on the centroid, no
 object sits on the other object's side. `object_channel=c` adds a per-token logistic term on state channel c: 1 on
 the tokens of object groups (covering less than `BACKGROUND_AREA` of the image), 0 on every other token of a row
 that has groups, so the splat can tell object words from function words without the groups at inference.
+`spread_channel=c` trains channel c as the log std of a Gaussian footprint per token: the object's pixels are read
+as samples of N(place, sigma^2 I) around the token's (stopped) place, so sigma^2 = (the mask's second moment about
+its centroid + the place error^2) / 2 at the optimum. A splat of that width is object-sized where the text fixes
+the place and widens where it cannot (two objects with no relation named, a single object anywhere).
 """
 from __future__ import annotations
 
@@ -47,9 +51,19 @@ def centroids(masks: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.stack([cx, cy], -1), mass / (h * w)
 
 
+def second_moments(masks: jax.Array, centres: jax.Array) -> jax.Array:
+  """[B, K]: mean over each mask's pixels (weighted by the mask) of the squared distance to centres [B, K, 2]."""
+  m = masks.astype(jnp.float32)
+  h, w = m.shape[-2:]
+  ys, xs = pixel_centres(h), pixel_centres(w)
+  d2 = ((xs[None, None, None, :] - centres[..., 0, None, None]) ** 2 +
+        (ys[None, None, :, None] - centres[..., 1, None, None]) ** 2)  # [B, K, h, w]
+  return jnp.sum(m * d2, axis=(-2, -1)) / jnp.maximum(jnp.sum(m, axis=(-2, -1)), 1e-9)
+
+
 def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Array,
                 row_weight: jax.Array | None = None, channels: tuple[int, int] = (0, 1), per_token: bool = False,
-                object_channel: int = -1) -> tuple[jax.Array, dict]:
+                object_channel: int = -1, spread_channel: int = -1) -> tuple[jax.Array, dict]:
   """Layout term and metrics.
 
   Args:
@@ -63,6 +77,10 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
     object_channel: >= 0 adds the mean binary cross-entropy of sigmoid(states[..., object_channel]) against "the
       token belongs to an object group", over all tokens of the rows with a valid group (metrics `layout_object`,
       and `layout_object_acc`, the share of those tokens on the right side of 0).
+    spread_channel: >= 0 adds, per token j of group k, the Gaussian negative log-likelihood of the mask's pixels
+      around the token's place (gradient stopped) with log std s_j = states[j, spread_channel]:
+      (M2_k + ||c_k - sg(place_j)||^2) exp(-2 s_j) / 2 + 2 s_j, M2_k the mask's second moment about its centroid
+      (metrics `layout_spread`, and `layout_sigma`, the mean exp(s_j) over object tokens).
   Returns:
     (term, {"layout", "layout_order", ...}): layout_order is, over rows naming two objects (the first two groups, each
     covering less than half the image) whose centroids differ by more than 0.25 along some axis, the share whose
@@ -102,4 +120,15 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
     acc = _masked_mean((logit > 0) == (target_tok > 0.5), row)
     term = term + bce
     metrics.update(layout_object=bce, layout_object_acc=acc)
+  if spread_channel >= 0:
+    log_sigma = states[..., spread_channel].astype(jnp.float32)  # [B, L]
+    place_err = jnp.sum((jax.lax.stop_gradient(xy)[:, None] - target[:, :, None]) ** 2, -1)  # [B, K, L]
+    spread = second_moments(group_masks, target)[..., None] + place_err
+    nll = spread * jnp.exp(-2 * log_sigma)[:, None] / 2 + 2 * log_sigma[:, None]  # [B, K, L]
+    tok = sel * valid[..., None]
+    nll_term = _masked_mean(nll, tok)
+    obj_tok = tok * (area < BACKGROUND_AREA)[..., None]
+    metrics.update(layout_spread=nll_term,
+                   layout_sigma=_masked_mean(jnp.exp(log_sigma)[:, None] * jnp.ones_like(obj_tok), obj_tok))
+    term = term + nll_term
   return term, metrics

@@ -182,7 +182,7 @@ def diffusion_loss(params, frozen, batch, rng, models):
 
 def _check_layout_splat(models, layout: dict) -> None:
   """A U-Net with layout_splat_channels reads the places config.diffusion.layout trains on those channels (and,
-  with layout_splat_object_channel, the object logit it trains)."""
+  with layout_splat_object_channel / layout_splat_spread_channel, the object logit / footprint width it trains)."""
   splat = tuple(int(c) for c in getattr(models.denoiser, "layout_splat_channels", ()) or ())
   if splat and (float(layout.get("weight", 0.0)) <= 0 or splat != tuple(int(c) for c in layout.get("channels", (0, 1)))):
     raise ValueError(f"config.unet.config.layout_splat_channels={splat} reads places that config.diffusion.layout "
@@ -191,11 +191,15 @@ def _check_layout_splat(models, layout: dict) -> None:
   if splat and obj >= 0 and obj != int(layout.get("object_channel", -1)):
     raise ValueError(f"config.unet.config.layout_splat_object_channel={obj} reads an object logit that "
                      f"config.diffusion.layout does not train: set config.diffusion.layout.object_channel={obj}")
+  spread = int(getattr(models.denoiser, "layout_splat_spread_channel", -1))
+  if splat and spread >= 0 and spread != int(layout.get("spread_channel", -1)):
+    raise ValueError(f"config.unet.config.layout_splat_spread_channel={spread} reads a footprint width that "
+                     f"config.diffusion.layout does not train: set config.diffusion.layout.spread_channel={spread}")
 
 
 def _layout_term(cond: dict, batch: dict, models, layout: dict, kept: jax.Array) -> tuple[jax.Array, dict]:
   """Weighted `t2i.objectives.layout.layout_loss` on the first text encoder's output states in `cond`
-  (config.diffusion.layout = {weight, channels, per_token, object_channel}), counted on the rows `kept` [B]."""
+  (config.diffusion.layout = {weight, channels, per_token, object_channel, spread_channel}), counted on the rows `kept` [B]."""
   from t2i.objectives import layout as layout_lib
   if "group_tokens" not in batch:
     raise ValueError("config.diffusion.layout.weight > 0 needs attribute groups: set config.data.token_groups "
@@ -209,7 +213,8 @@ def _layout_term(cond: dict, batch: dict, models, layout: dict, kept: jax.Array)
   states = cond["encoder_hidden_states"][:, :batch["group_tokens"].shape[-1]]
   term, metrics = layout_lib.layout_loss(states, batch["group_tokens"], batch["group_masks"], kept, channels,
                                          per_token=bool(layout.get("per_token", False)),
-                                         object_channel=int(layout.get("object_channel", -1)))
+                                         object_channel=int(layout.get("object_channel", -1)),
+                                         spread_channel=int(layout.get("spread_channel", -1)))
   return float(layout["weight"]) * term, metrics
 
 

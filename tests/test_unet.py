@@ -324,7 +324,7 @@ def test_layout_splat_value_slice_and_object_gate(tiny):
 
 def test_layout_splat_spread_channel(tiny):
   """layout_splat_spread_channel: each token's Gaussian has std exp(that channel), clipped to [0.05, 1]; at the
-  reference std (layout_splat_sigma) the U-Net's output is the fixed-std splat's, bit for bit; a wider footprint
+  reference std (layout_splat_sigma) the U-Net's output is the fixed-std splat's (to 1e-6); a wider footprint
   keeps the reference footprint's mass (height (reference / std)^2), a narrower one has height 1."""
   from t2i.models.unet import splat_weights
   module, params, inputs, _ = tiny

@@ -423,14 +423,18 @@ def pixel_centres(n: int) -> jax.Array:
   return (jnp.arange(n, dtype=jnp.float32) + 0.5) / n * 2 - 1
 
 
+def squared_distances(places: jax.Array, height: int, width: int) -> jax.Array:
+  """[..., height, width]: squared distance from each pixel centre to places [..., 2] as (x, y) in [-1, 1]."""
+  y, x = pixel_centres(height), pixel_centres(width)
+  return (x - places[..., 0, None, None]) ** 2 + (y[:, None] - places[..., 1, None, None]) ** 2
+
+
 def splat_weights(places: jax.Array, height: int, width: int, sigma: float | jax.Array,
                   reference: float | None = None) -> jax.Array:
   """[B, L, height, width]: a Gaussian of std `sigma` (a number or [B, L]) around each token's place, places
   [B, L, 2] as (x, y) in [-1, 1] (`pixel_centres`), of height 1, or with a `reference` std of height
   min(1, (reference / sigma)^2): wider footprints keep the mass of the reference one."""
-  y, x = pixel_centres(height), pixel_centres(width)
-  px, py = places[..., 0, None, None], places[..., 1, None, None]
-  d2 = (x[None, None, None, :] - px) ** 2 + (y[None, None, :, None] - py) ** 2
+  d2 = squared_distances(places, height, width)
   sigma = jnp.asarray(sigma, jnp.float32)
   if sigma.ndim:
     sigma = sigma[..., None, None]

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t2i.models.unet import pixel_centres
+from t2i.models.unet import pixel_centres, squared_distances
 
 BACKGROUND_AREA = 0.5  # groups covering more of the image than this are not objects (order metric, object channel)
 
@@ -54,10 +54,7 @@ def centroids(masks: jax.Array) -> tuple[jax.Array, jax.Array]:
 def second_moments(masks: jax.Array, centres: jax.Array) -> jax.Array:
   """[B, K]: mean over each mask's pixels (weighted by the mask) of the squared distance to centres [B, K, 2]."""
   m = masks.astype(jnp.float32)
-  h, w = m.shape[-2:]
-  ys, xs = pixel_centres(h), pixel_centres(w)
-  d2 = ((xs[None, None, None, :] - centres[..., 0, None, None]) ** 2 +
-        (ys[None, None, :, None] - centres[..., 1, None, None]) ** 2)  # [B, K, h, w]
+  d2 = squared_distances(centres, *m.shape[-2:])  # [B, K, h, w]
   return jnp.sum(m * d2, axis=(-2, -1)) / jnp.maximum(jnp.sum(m, axis=(-2, -1)), 1e-9)
 
 
@@ -129,6 +126,6 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
     nll_term = _masked_mean(nll, tok)
     obj_tok = tok * (area < BACKGROUND_AREA)[..., None]
     metrics.update(layout_spread=nll_term,
-                   layout_sigma=_masked_mean(jnp.exp(log_sigma)[:, None] * jnp.ones_like(obj_tok), obj_tok))
+                   layout_sigma=_masked_mean(jnp.exp(log_sigma)[:, None], obj_tok))
     term = term + nll_term
   return term, metrics

@@ -187,14 +187,11 @@ def _check_layout_splat(models, layout: dict) -> None:
   if splat and (float(layout.get("weight", 0.0)) <= 0 or splat != tuple(int(c) for c in layout.get("channels", (0, 1)))):
     raise ValueError(f"config.unet.config.layout_splat_channels={splat} reads places that config.diffusion.layout "
                      f"trains: set config.diffusion.layout.weight > 0 and config.diffusion.layout.channels={splat}")
-  obj = int(getattr(models.denoiser, "layout_splat_object_channel", -1))
-  if splat and obj >= 0 and obj != int(layout.get("object_channel", -1)):
-    raise ValueError(f"config.unet.config.layout_splat_object_channel={obj} reads an object logit that "
-                     f"config.diffusion.layout does not train: set config.diffusion.layout.object_channel={obj}")
-  spread = int(getattr(models.denoiser, "layout_splat_spread_channel", -1))
-  if splat and spread >= 0 and spread != int(layout.get("spread_channel", -1)):
-    raise ValueError(f"config.unet.config.layout_splat_spread_channel={spread} reads a footprint width that "
-                     f"config.diffusion.layout does not train: set config.diffusion.layout.spread_channel={spread}")
+  for name, what in (("object", "an object logit"), ("spread", "a footprint width")):
+    c = int(getattr(models.denoiser, f"layout_splat_{name}_channel", -1))
+    if splat and c >= 0 and c != int(layout.get(f"{name}_channel", -1)):
+      raise ValueError(f"config.unet.config.layout_splat_{name}_channel={c} reads {what} that "
+                       f"config.diffusion.layout does not train: set config.diffusion.layout.{name}_channel={c}")
 
 
 def _layout_term(cond: dict, batch: dict, models, layout: dict, kept: jax.Array) -> tuple[jax.Array, dict]:

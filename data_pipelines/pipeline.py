@@ -64,10 +64,12 @@ def default_data_config() -> ml_collections.ConfigDict:
       # non-empty caption), for config.diffusion.contrast (caption-contrastive denoising).
       "negative_caption": "",
       # Attribute groups for attention grounding (CosmicMan's HOLA, config.diffusion.hola): "module.function"
-      # (caption, record) -> [(character spans of the group's words, bool mask [H, W])], e.g.
+      # (caption, record) -> [(character spans of the group's words, bool mask [H, W][, placed])], e.g.
       # "data_pipelines.shapes.groups.token_groups". Batches then get "group_masks" f32 [B, max_groups, H / p,
-      # W / p] (cropped like the image, average-pooled by p = group_mask_pool) and "group_tokens" f32
-      # [B, max_groups, L] (1 on the tokens of the group's words); unused groups are all zero, extra ones dropped.
+      # W / p] (cropped like the image, average-pooled by p = group_mask_pool), "group_tokens" f32
+      # [B, max_groups, L] (1 on the tokens of the group's words) and "group_placed" f32 [B, max_groups] (1 where
+      # the caption fixes the group's place; a hook that returns pairs marks every group placed); unused groups
+      # are all zero, extra ones dropped.
       "token_groups": "",
       "max_groups": 4,
       "group_mask_pool": 1,
@@ -255,7 +257,8 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
     caption = ""
   out = {"pos": pos, "bucket": bucket, "image": np.ascontiguousarray(imgs[0]), "caption": caption}
   if cfg.token_groups:
-    out["group_spans"], out["group_masks"] = _groups(caption, record, cfg, buckets[bucket], offset)
+    out["group_spans"], out["group_masks"], out["group_placed"] = _groups(caption, record, cfg, buckets[bucket],
+                                                                          offset)
   if loss_weights is not None:
     out["loss_weight"] = np.float32(loss_weights[record.get("_source", 0)])
   if cfg.alpha_mask:
@@ -266,16 +269,21 @@ def _process(record: dict[str, Any], global_pos: int, pos: int, cfg: ml_collecti
 
 
 def _groups(caption: str, record: dict[str, Any], cfg: ml_collections.ConfigDict, out_hw: tuple[int, int],
-            offset: tuple[float, float]) -> tuple[list[list[tuple[int, int]]], np.ndarray]:
-  """(character spans per group, f32 [max_groups, h, w] masks) of config.data.token_groups for one sample."""
+            offset: tuple[float, float]) -> tuple[list[list[tuple[int, int]]], np.ndarray, np.ndarray]:
+  """(character spans per group, f32 [max_groups, h, w] masks, f32 [max_groups] placed flags) of
+  config.data.token_groups for one sample."""
   k, pool = int(cfg.max_groups), int(cfg.group_mask_pool)
   h, w = out_hw[0] // pool, out_hw[1] // pool
-  masks = np.zeros((k, h, w), np.float32)
+  masks, placed = np.zeros((k, h, w), np.float32), np.zeros((k,), np.float32)
   groups = list(_import_hook(cfg.token_groups, "token_groups")(caption, record))[:k] if caption else []
-  for i, (_, mask) in enumerate(groups):
-    m = resize_crop(np.asarray(mask, np.uint8) * np.uint8(255), out_hw, offset).astype(np.float32) / 255
+  for i, group in enumerate(groups):
+    if len(group) not in (2, 3):
+      raise ValueError(f"config.data.token_groups={cfg.token_groups!r} must return (spans, mask[, placed]) "
+                       f"tuples, got {len(group)} items")
+    m = resize_crop(np.asarray(group[1], np.uint8) * np.uint8(255), out_hw, offset).astype(np.float32) / 255
     masks[i] = m[:h * pool, :w * pool].reshape(h, pool, w, pool).mean(axis=(1, 3))
-  return [list(spans) for spans, _ in groups], masks
+    placed[i] = float(group[2]) if len(group) == 3 else 1.0
+  return [list(group[0]) for group in groups], masks, placed
 
 
 # -------------------------------------------------------------------------------------------- iterators
@@ -304,7 +312,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
         del self._buffers[el["bucket"]]
         out = {"image": np.stack([e["image"] for e in buf]), "caption": [e["caption"] for e in buf],
                "pos": np.array([e["pos"] for e in buf], np.int64)}
-        for key in ("image_l", "loss_weight", "mask", "group_masks"):
+        for key in ("image_l", "loss_weight", "mask", "group_masks", "group_placed"):
           if key in el:
             out[key] = np.stack([e[key] for e in buf])
         if "group_spans" in el:
@@ -365,7 +373,7 @@ class TrainIterator(grain.DatasetIterator):
       span_fn = getattr(self._tokenizer_fn, "span_tokens", None)
       if span_fn is None:
         raise ValueError("config.data.token_groups: tokenizer_fn has no span_tokens (t2i.train.models.Tokenizer)")
-      batch["group_masks"] = b["group_masks"]
+      batch["group_masks"], batch["group_placed"] = b["group_masks"], b["group_placed"]
       batch["group_tokens"] = np.asarray(span_fn(captions, b["group_spans"], b["group_masks"].shape[1]),
                                          np.float32)
     self.last_host_batch = {"caption": b["caption"], "pos": b["pos"]}

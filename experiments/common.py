@@ -82,8 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Text-side layout grounding (t2i.objectives.layout) on config.data.token_groups: weight 0 = off; each
       # group's tokens regress its mask centroid (x, y) on these two output channels of the trained text encoder;
       # per_token: every token of a group, not their mean; object_channel >= 0: a logit there marks object words;
-      # spread_channel >= 0: the log std of each token's footprint (its object's extent and place uncertainty).
-      layout=dict(weight=0.0, channels=(0, 1), per_token=False, object_channel=-1, spread_channel=-1)))
+      # spread_channel >= 0: the log std of each token's footprint (its object's extent and place uncertainty);
+      # placed_only: only groups whose caption fixes their place (the hook's third item) are regressed and marked
+      # as objects, so an object-gated splat paints only relations and coordinates.
+      layout=dict(weight=0.0, channels=(0, 1), per_token=False, object_channel=-1, spread_channel=-1,
+                  placed_only=False)))
   c.tokenizer = ml_collections.ConfigDict(dict(kind="shapes", path="", max_length=24, vocab_size=0))
   # A second tokenizer (FLUX's T5, SDXL's OpenCLIP): its ids follow the first's in "input_ids" and feed
   # text_encoder_2 (t2i.train.models.Tokenizer). None: one tokenizer feeds every text encoder.

@@ -34,7 +34,8 @@ def test_groups_name_each_objects_words_and_pixels():
     spec = captions.parse_prompt(cap)
     got = groups.token_groups(cap, r)
     assert len(got) == len(spec["objects"]) + (spec["background"] is not None)
-    for obj, (spans, mask) in zip(spec["objects"], got):
+    for obj, (spans, mask, placed) in zip(spec["objects"], got):
+      assert placed == (spec["family"] in ("position", "grounding")), cap
       words = [cap[a:b] for a, b in spans]
       assert obj["color"] in words and any(w.startswith(obj["shape"]) for w in words), (cap, words)
       assert (obj["size"] in words) == bool(obj["size"]), (cap, words)
@@ -46,6 +47,7 @@ def test_groups_name_each_objects_words_and_pixels():
       (a, b), = got[-1][0]
       assert cap[a:b].endswith("background")
       np.testing.assert_array_equal(got[-1][1], labels == 0)
+      assert got[-1][2] is False
   assert seen == set(captions.TEMPLATES)
   r = next(records.generate_records("train", 1, seed=3, size=32))
   assert groups.token_groups("", r) == [] and groups.token_groups("sks " + r["caption"], r) == []
@@ -76,7 +78,8 @@ def test_span_token_masks_mark_the_groups_tokens(shapes_tok):
 
 def test_pipeline_batches_carry_group_tokens_and_pooled_masks(shapes_tok):
   """config.token_groups: group_masks are the hook's masks cropped like the image and average-pooled;
-  group_tokens come from the tokenizer's span_tokens; a dropped caption has no groups."""
+  group_tokens come from the tokenizer's span_tokens; group_placed is the hook's placed flag; a dropped caption has
+  no groups."""
   recs = list(records.generate_records("train", 16, seed=5, size=32))
   tok = Tokenizer(lambda t: tokenize(shapes_tok, t, 24), len(shapes_tok), shapes_tok.eos_token_id,
                   span_fn=lambda t, s, k: span_token_masks(shapes_tok, t, s, k, 24))
@@ -85,6 +88,7 @@ def test_pipeline_batches_carry_group_tokens_and_pooled_masks(shapes_tok):
              max_groups=3, group_mask_pool=4)
   b = next(pipeline.make_train_iterator(cfg, tok, 8, source=recs, seed=0))
   assert b["group_masks"].shape == (8, 3, 8, 8) and b["group_tokens"].shape == (8, 3, 24)
+  assert b["group_placed"].shape == (8, 3) and 0 < b["group_placed"].sum() < b["group_tokens"].any(-1).sum()
   by_caption = {r["caption"]: r for r in recs}
   for i, ids in enumerate(b["input_ids"]):
     cap = next(c for c in by_caption if (tokenize(shapes_tok, [c], 24)[0] == ids).all())
@@ -94,8 +98,9 @@ def test_pipeline_batches_carry_group_tokens_and_pooled_masks(shapes_tok):
         np.testing.assert_allclose(b["group_masks"][i, k], want[k][1].reshape(8, 4, 8, 4).mean((1, 3)), atol=1e-6)
         np.testing.assert_array_equal(b["group_tokens"][i, k], span_token_masks(shapes_tok, [cap], [[want[k][0]]],
                                                                                 1, 24)[0, 0])
+        assert b["group_placed"][i, k] == float(want[k][2])
       else:
-        assert not b["group_masks"][i, k].any() and not b["group_tokens"][i, k].any()
+        assert not b["group_masks"][i, k].any() and not b["group_tokens"][i, k].any() and not b["group_placed"][i, k]
   cfg.caption_dropout = 1.0
   dropped = next(pipeline.make_train_iterator(cfg, tok, 8, source=recs, seed=0))
   assert not dropped["group_tokens"].any() and not dropped["group_masks"].any()
@@ -156,8 +161,9 @@ def test_hola_loss_equals_its_definition():
 
 def test_hola_in_the_train_loop(tmp_path):
   """config.data.token_groups + config.diffusion.hola (and the text-side config.diffusion.layout on the same
-  groups) train a real (tiny) U-Net through the one loop and log their terms, attn_in_mask and layout_order; the
-  term without groups fails naming the data key."""
+  groups, counting only placed groups and marking their words on an object channel) train a real (tiny) U-Net
+  through the one loop and log their terms, attn_in_mask and layout_order; the term without groups fails naming the
+  data key."""
   from experiments import sd_shapes
   from t2i.train import loop
   cfg = sd_shapes.get_config()
@@ -171,7 +177,7 @@ def test_hola_in_the_train_loop(tmp_path):
   with pytest.raises(ValueError, match="config.data.token_groups"):
     loop.train(cfg, str(tmp_path / "no_groups"))
   cfg.data.token_groups = "data_pipelines.shapes.groups.token_groups"
-  cfg.diffusion.layout.weight = 1.0
+  cfg.diffusion.layout.update(weight=1.0, placed_only=True, object_channel=2)
   m = loop.train(cfg, str(tmp_path / "run"))
   assert np.isfinite(float(m["loss"])) and float(m["hola"]) > 0 and 0 < float(m["attn_in_mask"]) < 1, m
-  assert float(m["layout"]) > 0 and 0 <= float(m["layout_order"]) <= 1, m
+  assert float(m["layout"]) > 0 and 0 <= float(m["layout_order"]) <= 1 and float(m["layout_object"]) > 0, m

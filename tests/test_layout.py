@@ -89,6 +89,34 @@ def test_object_channel_marks_the_object_words():
       np.log1p(np.exp(-z[0])) * target[0] + np.log1p(np.exp(z[0])) * (1 - target[0])), rtol=1e-5)
 
 
+def test_placed_only_counts_the_groups_whose_caption_fixes_the_place():
+  """placed: the place term is the definition over placed groups only; the object channel's target is 1 on placed
+  object groups and 0 on every other token of every row with a group, so a row whose objects are all unplaced
+  still teaches "paint nothing"; with every group placed it is the plain term."""
+  rng = np.random.default_rng(3)
+  b, k, length, d = 3, 2, 6, 4
+  states = rng.normal(size=(b, length, d)).astype(np.float32)
+  sel = np.zeros((b, k, length), np.float32)
+  sel[0, 0, [1, 2]] = sel[0, 1, [4, 5]] = sel[1, 0, 3] = sel[2, 0, [0, 1]] = 1
+  masks = np.zeros((b, k, 8, 8), np.float32)
+  masks[:, 0, :2, :3] = masks[:, 1, 5:, 4:] = 1  # objects
+  keep = np.ones(b, np.float32)
+  placed = np.array([[1, 1], [0, 0], [1, 0]], np.float32)  # row 1: a single object anywhere
+  args = (jnp.asarray(states), jnp.asarray(sel), jnp.asarray(masks), jnp.asarray(keep))
+  term, m = layout.layout_loss(*args, per_token=True, placed=jnp.asarray(placed))
+  np.testing.assert_allclose(float(term), _layout_by_definition(states, sel * placed[..., None], masks, keep, (0, 1),
+                                                                True), rtol=1e-5)
+  plain, _ = layout.layout_loss(*args, per_token=True)
+  every, _ = layout.layout_loss(*args, per_token=True, placed=jnp.ones((b, k)))
+  assert float(every) == float(plain) != float(term)
+  with_obj, m = layout.layout_loss(*args, per_token=True, placed=jnp.asarray(placed), object_channel=3)
+  target = np.einsum("bkl,bk->bl", sel, placed)  # row 1 all zero, and still counted
+  z = states[..., 3]
+  bce = np.mean(np.log1p(np.exp(-z)) * target + np.log1p(np.exp(z)) * (1 - target))
+  np.testing.assert_allclose(float(with_obj) - float(term), bce, rtol=1e-5)
+  np.testing.assert_allclose(float(m["layout_object"]), bce, rtol=1e-5)
+
+
 def test_spread_channel_is_the_gaussian_likelihood_of_the_mask():
   """spread_channel: per token of a group, the mean negative log-likelihood of the mask's pixels under an isotropic
   Gaussian of log std s_j around the token's place (constants dropped), written out pixel by pixel; its gradient
@@ -163,9 +191,9 @@ def test_layout_term_teaches_a_text_encoder_where_objects_go(tmp_path):
         continue
       g = groups.token_groups(r["caption"], r)[:3]
       m = np.zeros((3, 8, 8), np.float32)
-      for i, (_, mask) in enumerate(g):
+      for i, (_, mask, _) in enumerate(g):
         m[i] = mask.reshape(8, 4, 8, 4).mean((1, 3))
-      caps.append(r["caption"]), spans.append([s for s, _ in g]), masks.append(m)
+      caps.append(r["caption"]), spans.append([s for s, _, _ in g]), masks.append(m)
     return (jnp.asarray(tokenize(tok, caps, 24)), jnp.asarray(span_token_masks(tok, caps, spans, 3, 24)),
             jnp.asarray(np.stack(masks)))
 

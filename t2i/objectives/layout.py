@@ -22,6 +22,9 @@ that has groups, so the splat can tell object words from function words without 
 as samples of N(place, sigma^2 I) around the token's (stopped) place, so sigma^2 = (the mask's second moment about
 its centroid + the place error^2) / 2 at the optimum. A splat of that width is object-sized where the text fixes
 the place and widens where it cannot (two objects with no relation named, a single object anywhere).
+`placed` (per group, from the data hook; `config.diffusion.layout.placed_only`) makes that a hard choice: only the
+groups whose caption fixes their place (a relation, coordinates) are regressed and marked as objects, so a splat
+gated by the object channel paints nothing where the text leaves the place open.
 """
 from __future__ import annotations
 
@@ -60,7 +63,8 @@ def second_moments(masks: jax.Array, centres: jax.Array) -> jax.Array:
 
 def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Array,
                 row_weight: jax.Array | None = None, channels: tuple[int, int] = (0, 1), per_token: bool = False,
-                object_channel: int = -1, spread_channel: int = -1) -> tuple[jax.Array, dict]:
+                object_channel: int = -1, spread_channel: int = -1,
+                placed: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Layout term and metrics.
 
   Args:
@@ -78,6 +82,9 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
       around the token's place (gradient stopped) with log std s_j = states[j, spread_channel]:
       (M2_k + ||c_k - sg(place_j)||^2) exp(-2 s_j) / 2 + 2 s_j, M2_k the mask's second moment about its centroid
       (metrics `layout_spread`, and `layout_sigma`, the mean exp(s_j) over object tokens).
+    placed: optional [B, K], 1 where the caption fixes group k's place. Given, only placed groups count for the
+      place, order and spread terms, and the object channel's target is 1 only on placed object groups (still 0 on
+      every other token of a row with any group, so unplaced object words learn "not painted").
   Returns:
     (term, {"layout", "layout_order", ...}): layout_order is, over rows naming two objects (the first two groups, each
     covering less than half the image) whose centroids differ by more than 0.25 along some axis, the share whose
@@ -90,6 +97,9 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
   valid = (n > 0).astype(jnp.float32)
   if row_weight is not None:
     valid = valid * row_weight.astype(jnp.float32)[:, None]
+  has_group = (jnp.sum(valid, -1) > 0).astype(jnp.float32)  # [B]: rows the object channel counts
+  if placed is not None:
+    valid = valid * placed.astype(jnp.float32)
   xy = jnp.take(states.astype(jnp.float32), jnp.asarray(channels), axis=-1)  # [B, L, 2]
   pred = jnp.einsum("bkl,blc->bkc", sel, xy) / jnp.maximum(n, 1.0)[..., None]
   target, area = centroids(group_masks)
@@ -111,7 +121,7 @@ def layout_loss(states: jax.Array, group_tokens: jax.Array, group_masks: jax.Arr
   if object_channel >= 0:
     is_object = (area < BACKGROUND_AREA).astype(jnp.float32) * valid  # [B, K]
     target_tok = jnp.minimum(jnp.einsum("bkl,bk->bl", sel, is_object), 1.0)  # [B, L]
-    row = jnp.broadcast_to((jnp.sum(valid, -1) > 0).astype(jnp.float32)[:, None], target_tok.shape)
+    row = jnp.broadcast_to(has_group[:, None], target_tok.shape)
     logit = states[..., object_channel].astype(jnp.float32)
     bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logit, target_tok), row)
     acc = _masked_mean((logit > 0) == (target_tok > 0.5), row)

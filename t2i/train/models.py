@@ -202,8 +202,9 @@ class T2IModels:
     """"image" [B, S, S, 3] float32 in [-1, 1], "input_ids" [B, L] int32 (+ "image_l" for pair objectives,
     + "loss_weight" [B] float32 when a data source weighs its samples: `pipeline.has_loss_weights`, + "mask"
     [B, S, S, 1] float32 in [0, 1] with config.data.alpha_mask, + "neg_input_ids" [B, L] int32 and "neg_mask"
-    [B] float32 with config.data.negative_caption, + "group_tokens" [B, K, L1] and "group_masks" [B, K, S / p,
-    S / p] float32 with config.data.token_groups: K = max_groups, L1 the first id block, p = group_mask_pool)."""
+    [B] float32 with config.data.negative_caption, + "group_tokens" [B, K, L1], "group_masks" [B, K, S / p,
+    S / p] and "group_placed" [B, K] float32 with config.data.token_groups: K = max_groups, L1 the first id block,
+    p = group_mask_pool)."""
     from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
     s = self.image_size
     shapes = {"image": ((batch_size, s, s, 3), jnp.float32), "input_ids": ((batch_size, self.max_length), jnp.int32)}
@@ -222,6 +223,7 @@ class T2IModels:
       start, stop = self.id_blocks.get("text_encoder", (0, self.max_length))
       shapes["group_tokens"] = ((batch_size, k, stop - start), jnp.float32)
       shapes["group_masks"] = ((batch_size, k, s // pool, s // pool), jnp.float32)
+      shapes["group_placed"] = ((batch_size, k), jnp.float32)
     return shapes
 
   def noise(self, seeds: jax.Array) -> jax.Array:

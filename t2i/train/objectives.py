@@ -196,7 +196,8 @@ def _check_layout_splat(models, layout: dict) -> None:
 
 def _layout_term(cond: dict, batch: dict, models, layout: dict, kept: jax.Array) -> tuple[jax.Array, dict]:
   """Weighted `t2i.objectives.layout.layout_loss` on the first text encoder's output states in `cond`
-  (config.diffusion.layout = {weight, channels, per_token, object_channel, spread_channel}), counted on the rows `kept` [B]."""
+  (config.diffusion.layout = {weight, channels, per_token, object_channel, spread_channel, placed_only}), counted on
+  the rows `kept` [B]."""
   from t2i.objectives import layout as layout_lib
   if "group_tokens" not in batch:
     raise ValueError("config.diffusion.layout.weight > 0 needs attribute groups: set config.data.token_groups "
@@ -211,7 +212,8 @@ def _layout_term(cond: dict, batch: dict, models, layout: dict, kept: jax.Array)
   term, metrics = layout_lib.layout_loss(states, batch["group_tokens"], batch["group_masks"], kept, channels,
                                          per_token=bool(layout.get("per_token", False)),
                                          object_channel=int(layout.get("object_channel", -1)),
-                                         spread_channel=int(layout.get("spread_channel", -1)))
+                                         spread_channel=int(layout.get("spread_channel", -1)),
+                                         placed=batch["group_placed"] if layout.get("placed_only") else None)
   return float(layout["weight"]) * term, metrics
 
 

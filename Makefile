@@ -37,7 +37,7 @@ demo: $(VENV)/.installed
 	@echo "sample grids: $(WORKDIR)/samples/  scores: $(WORKDIR)/eval_scores.json"
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=15 tests
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.train_step

@@ -76,6 +76,15 @@ def test_span_token_masks_mark_the_groups_tokens(shapes_tok):
     shapes_tok.padding_side = "right"
 
 
+def unplaced_groups(caption, record):
+  """A config.data.token_groups hook of the older form: (spans, mask) pairs, no placed flag."""
+  return [(spans, mask) for spans, mask, _ in groups.token_groups(caption, record)]
+
+
+def malformed_groups(caption, record):
+  return [(spans,) for spans, _, _ in groups.token_groups(caption, record)]
+
+
 def test_pipeline_batches_carry_group_tokens_and_pooled_masks(shapes_tok):
   """config.token_groups: group_masks are the hook's masks cropped like the image and average-pooled;
   group_tokens come from the tokenizer's span_tokens; group_placed is the hook's placed flag; a dropped caption has
@@ -104,6 +113,13 @@ def test_pipeline_batches_carry_group_tokens_and_pooled_masks(shapes_tok):
   cfg.caption_dropout = 1.0
   dropped = next(pipeline.make_train_iterator(cfg, tok, 8, source=recs, seed=0))
   assert not dropped["group_tokens"].any() and not dropped["group_masks"].any()
+  cfg.update(caption_dropout=0.0, token_groups="test_hola.unplaced_groups")  # a hook without placed flags
+  b2 = next(pipeline.make_train_iterator(cfg, tok, 8, source=recs, seed=0))
+  np.testing.assert_array_equal(b2["group_placed"], b["group_tokens"].any(-1))  # every group placed
+  np.testing.assert_array_equal(b2["group_masks"], b["group_masks"])
+  cfg.token_groups = "test_hola.malformed_groups"
+  with pytest.raises(ValueError, match="test_hola.malformed_groups.*must return"):
+    next(pipeline.make_train_iterator(cfg, tok, 8, source=recs, seed=0))
   with pytest.raises(ValueError, match="group_mask_pool"):
     cfg.group_mask_pool = 5
     pipeline.make_train_iterator(cfg, tok, 8, source=recs, seed=0)

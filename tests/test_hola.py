@@ -82,6 +82,7 @@ def unplaced_groups(caption, record):
 
 
 def malformed_groups(caption, record):
+  """A hook that returns 1-tuples: the pipeline must refuse it, naming config.data.token_groups."""
   return [(spans,) for spans, _, _ in groups.token_groups(caption, record)]
 
 

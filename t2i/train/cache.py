@@ -23,7 +23,8 @@ def text_frozen(models: T2IModels) -> bool:
 
 def encode_batch(models: T2IModels, frozen: dict, batch: dict) -> dict:
   """What the cache stores for one batch (pure; jit it)."""
-  keep = ("input_ids", "loss_weight", "mask", "neg_input_ids", "neg_mask", "group_tokens", "group_masks", "group_placed")
+  keep = ("input_ids", "loss_weight", "mask", "neg_input_ids", "neg_mask", "group_tokens", "group_masks",
+          "group_placed")
   out = {k: batch[k] for k in keep if k in batch}
   if models.vae is not None:
     out["latent_mean"], out["latent_logvar"] = models.vae.apply({"params": frozen["vae"]}, batch["image"],
